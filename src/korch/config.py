@@ -1,0 +1,425 @@
+"""Typed job specs: YAML plus `--set a.b=c` overrides in, a validated, frozen `JobConfig` out.
+
+Every field carries a docstring; the CLI help and the README's field reference are generated from them
+(`python -m korch.docs`). Numbers are strict: text such as `"two"` or `"100"` where a number belongs is an
+error, not a silent conversion. The YAML loader reads `2e-5` as a float (plain PyYAML reads it as a string).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from korch.errors import UserError
+from korch.tasks import TASKS
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class SpecError(UserError):
+    """A job spec problem, already phrased for the user: one `problems` entry per line."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+
+def is_uri(path: str) -> bool:
+    return bool(_URI.match(path))
+
+
+def _resolve_existing(value: str, what: str) -> str:
+    """Resolve a local path against the current directory and insist it exists; URIs pass through."""
+    if is_uri(value):
+        return value
+    resolved = os.path.abspath(os.path.expanduser(value))
+    if glob.has_magic(resolved):
+        if not glob.glob(resolved):
+            raise ValueError(f"{what} '{value}' matches no file; check the pattern or the current directory")
+        return resolved
+    if not os.path.exists(resolved):
+        raise ValueError(f"{what} '{value}' does not exist (resolved to {resolved}); fix the path, "
+                         "relative paths resolve against the current directory")
+    return resolved
+
+
+class ModelConfig(_Strict):
+    arch: Literal["bert", "deberta-v2"] = "bert"
+    """Architecture for from-scratch initialisation: `bert` or `deberta-v2` (relative positions, for long sequences)."""
+    size: Literal["tiny", "mini", "small", "base", "large"] = "tiny"
+    """Named size for from-scratch init. `tiny` (hidden 64, 2 layers) runs on a laptop CPU; `base`/`large` are the usual sizes."""
+    pretrained: str | None = None
+    """Start from this Hugging Face model folder (or hub id, which needs network) instead of a fresh init."""
+    max_position_embeddings: int | None = Field(default=None, ge=8)
+    """Position table size. Defaults to the data's `seq_len` rounded up to a multiple of 64 (at least 128); must be >= `seq_len`."""
+    overrides: dict[str, Any] = {}
+    """Extra keyword arguments for the Hugging Face config (e.g. `{num_attention_heads: 4}`), applied last."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for long sequences, ~30% more compute."""
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_path(cls, value: str | None) -> str | None:
+        if value is None or is_uri(value):
+            return value
+        looks_local = value.startswith((".", "/", "~")) or os.path.exists(value) or value.count("/") > 1
+        return _resolve_existing(value, "model folder") if looks_local else value
+
+
+class TokenizerConfig(_Strict):
+    path: str | None = None
+    """An existing Hugging Face tokenizer folder. Unset: reuse the pretrained model's, else train one on the stage's corpus."""
+    vocab_size: int = Field(default=8000, ge=100)
+    """WordPiece vocabulary size when korch trains the tokenizer."""
+    min_frequency: int = Field(default=2, ge=1)
+    """Drop candidate word pieces seen fewer times than this."""
+    pre_tokenize: Literal["whitespace", "morphemes"] = "whitespace"
+    """`morphemes` splits text into kiwipiepy morphemes before WordPiece (better Korean vocabularies, slower)."""
+    max_docs: int | None = Field(default=50_000, ge=1)
+    """Train the tokenizer on at most this many documents (the first ones, in input order)."""
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str | None) -> str | None:
+        return None if value is None else _resolve_existing(value, "tokenizer folder")
+
+
+class DataConfig(_Strict):
+    inputs: list[str] = []
+    """Corpus files, folders, globs or pyarrow URIs (s3://, gs://): txt, jsonl, parquet, WikiExtractor `<doc>` files, or a folder written by `korch data prepare` (has manifest.json)."""
+    format: Literal["auto", "txt", "jsonl", "parquet", "wiki"] = "auto"
+    """Input format; `auto` decides per file from its extension and first bytes."""
+    text_fields: list[str] = ["text", "content", "document", "sentence"]
+    """For jsonl/parquet: the first of these fields present in a record is its text."""
+    seq_len: int = Field(default=128, ge=8, le=65536)
+    """Tokens per packed training block."""
+    normalize: bool = True
+    """Unicode NFC normalisation and control-character removal."""
+    split_sentences: bool = True
+    """Split documents into sentences with kiwipiepy (packing keeps sentence boundaries)."""
+    morphemes: bool = False
+    """Record kiwipiepy morpheme boundaries for whole-word masking (slower)."""
+    dedup: bool = True
+    """Drop exact-duplicate documents."""
+    min_doc_chars: int = Field(default=20, ge=0)
+    """Skip documents shorter than this (counted as `too_short` in the manifest)."""
+    max_line_chars: int = Field(default=100_000, ge=1)
+    """Skip input lines longer than this (counted as `line_too_long`)."""
+    max_docs: int | None = Field(default=None, ge=1)
+    """Read at most this many documents (after skips), for quick runs."""
+    validation_fraction: float = Field(default=0.02, ge=0.0, lt=1.0)
+    """Share of documents held out (chosen by a hash of the text, so stable) for evaluation."""
+    preprocess_actors: int = Field(default=2, ge=1)
+    """Ray Data actors running Kiwi; each holds one ~260 MB `Kiwi`."""
+    actor_cpus: float = Field(default=0.5, gt=0)
+    """Logical CPUs per preprocessing actor; fractions keep small machines from deadlocking."""
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+    """Share of tokens masked for masked-LM tasks."""
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_exist(cls, value: list[str]) -> list[str]:
+        return [_resolve_existing(item, "data input") for item in value]
+
+
+class TrainConfig(_Strict):
+    seed: int = 42
+    """Seed for init, data order and masking; the same seed gives the same run."""
+    epochs: int | None = Field(default=None, ge=1)
+    """Passes over the training data. Set this, `max_steps`, or both (whichever ends first)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps to run."""
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Samples per worker per forward pass."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro batches accumulated per optimizer step. Global batch = micro_batch_size x grad_accum x num_workers."""
+    lr: float = Field(default=5e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up steps before the schedule."""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warm-up."""
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    """Gradient clipping norm (0 turns clipping off)."""
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
+    """Checkpoint every N optimizer steps (one is also taken at each epoch end and at the end)."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """How many recent checkpoints to keep."""
+    log_every_steps: int = Field(default=10, ge=1)
+    """Write a metrics.jsonl line every N optimizer steps."""
+
+    @model_validator(mode="after")
+    def _has_length(self) -> "TrainConfig":
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set train.epochs or train.max_steps (or both) so the stage has an end")
+        return self
+
+
+class EvalConfig(_Strict):
+    every: Literal["end", "epoch", "never"] = "end"
+    """When to evaluate on the held-out split; `eval.json` holds the last result."""
+    max_batches: int = Field(default=20, ge=1)
+    """Evaluate on at most this many micro batches per worker."""
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    """ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (ZeRO 1-3; needs DeepSpeed's CPU Adam build)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO 3 only)."""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """`auto` is bf16 on GPU and fp32 on CPU; fp16/bf16 need `use_gpu: true`."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class DistributedConfig(_Strict):
+    num_workers: int = Field(default=1, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One or more GPUs per worker; when CUDA turns out to be absent the worker falls back to CPU (gloo)."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """Logical CPUs Ray reserves per worker (also its torch thread count)."""
+    gpus_per_worker: float = Field(default=1.0, ge=0)
+    """GPUs per worker when `use_gpu` is true."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: `auto` is nccl with `use_gpu`, gloo otherwise. Use gloo on GPU-less test nodes."""
+    max_failures: int = Field(default=0, ge=-1)
+    """Worker-group restarts from the last checkpoint before the stage fails (-1: unlimited)."""
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """DeepSpeed ZeRO settings."""
+
+    @model_validator(mode="after")
+    def _half_precision_needs_gpu(self) -> "DistributedConfig":
+        if self.deepspeed.precision in ("fp16", "bf16") and not self.use_gpu:
+            raise ValueError(f"deepspeed.precision {self.deepspeed.precision} needs use_gpu: true; "
+                             "use precision: auto or fp32 on CPU")
+        return self
+
+
+class StageConfig(_Strict):
+    name: str = Field(pattern=_NAME)
+    """Stage name; outputs go to RUNS/<job>/<name>/ and `--set stages.<name>.x=y` addresses it."""
+    task: str
+    """What the stage does; see the task list in the README (`korch tasks`)."""
+    needs: str | None = None
+    """An earlier stage whose `final/` model (and tokenizer) this stage starts from."""
+    model: ModelConfig = ModelConfig()
+    """Model to train."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    """Tokenizer to use or train."""
+    data: DataConfig = DataConfig()
+    """Training corpus and preprocessing."""
+    train: TrainConfig = TrainConfig(max_steps=100)
+    """Optimisation and checkpointing."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Workers, resources, fault tolerance and DeepSpeed."""
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in TASKS:
+            raise ValueError(f"unknown task '{value}'; allowed: {', '.join(sorted(TASKS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> "StageConfig":
+        task = TASKS[self.task]
+        if task.needs_data and not self.data.inputs:
+            raise ValueError(f"task {self.task} needs data.inputs (corpus files or folders)")
+        mpe = self.model.max_position_embeddings
+        if mpe is not None and mpe < self.data.seq_len:
+            raise ValueError(f"model.max_position_embeddings {mpe} is smaller than data.seq_len "
+                             f"{self.data.seq_len}; raise it or lower seq_len")
+        return self
+
+
+class JobConfig(_Strict):
+    name: str = Field(pattern=_NAME)
+    """Job name; outputs go to RUNS/<name>/."""
+    stages: list[StageConfig] = Field(min_length=1)
+    """Stages, run in order."""
+
+    @model_validator(mode="after")
+    def _stage_graph(self) -> "JobConfig":
+        seen: set[str] = set()
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"stage name '{stage.name}' is used twice; stage names must be unique")
+            if stage.needs is not None and stage.needs not in seen:
+                raise ValueError(f"stage '{stage.name}' needs '{stage.needs}', which is not an earlier stage; "
+                                 f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
+            seen.add(stage.name)
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        return next(s for s in self.stages if s.name == name)
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `2e-5` and `1e4` as floats, as YAML 1.2 and every user does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, path: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(path, [f"{where}invalid YAML: {exc.problem or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(path, [f"invalid YAML: {exc}"]) from None
+
+
+def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
+    """Apply `a.b=c` overrides to the raw dict; values are parsed as YAML. `stages.<name>` picks a stage by name."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(f"--set {item}: expected KEY=VALUE, e.g. stages.mlm.train.lr=1e-4")
+            continue
+        value = parse_yaml(text, f"--set {key}")
+        try:
+            _set_path(raw, key.split("."), value)
+        except KeyError as exc:
+            problems.append(f"--set {key}: {exc.args[0]}")
+    if problems:
+        raise SpecError(path, problems)
+    return raw
+
+
+def _set_path(node: Any, parts: list[str], value: Any) -> None:
+    *parents, last = parts
+    for i, part in enumerate(parents):
+        if isinstance(node, list):
+            node = _stage_by_name(node, part)
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise KeyError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section")
+    if isinstance(node, list):
+        raise KeyError("address a whole stage's field, e.g. stages.<name>.train.lr")
+    node[last] = value
+
+
+def _stage_by_name(stages: list, key: str) -> dict:
+    for stage in stages:
+        if isinstance(stage, dict) and stage.get("name") == key:
+            return stage
+    if key.isdigit() and int(key) < len(stages):
+        return stages[int(key)]
+    names = [s.get("name") for s in stages if isinstance(s, dict)]
+    raise KeyError(f"no stage named '{key}'; stages: {', '.join(map(str, names))}")
+
+
+def load_raw(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(path, ["file does not exist; give the path of a job YAML, e.g. jobs/quickstart.yaml"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(path, [f"cannot read the file: {exc}"]) from None
+    raw = parse_yaml(text, path)
+    if not isinstance(raw, dict):
+        raise SpecError(path, ["the top level must be a mapping with `name` and `stages`"])
+    return apply_overrides(raw, list(overrides or []), path)
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML, apply `--set` overrides, validate. Raises `SpecError` with one line per problem."""
+    raw = load_raw(path, overrides)
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(str(path), format_validation_error(exc, raw)) from None
+
+
+def format_validation_error(exc: ValidationError, raw: Any) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = _readable_loc(err["loc"], raw)
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            message = _unknown_key_message(err["loc"], raw)
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+            message += f" (got {err['input']!r})"
+        lines.append(f"{loc or '(top level)'}: {message}")
+    return lines
+
+
+def _readable_loc(loc: tuple, raw: Any) -> str:
+    parts, node = [], raw
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list):
+            entry = node[item] if item < len(node) else None
+            name = entry.get("name") if isinstance(entry, dict) else None
+            parts.append(str(name) if isinstance(name, str) else str(item))
+            node = entry
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig,
+    "eval": EvalConfig, "distributed": DistributedConfig, "deepspeed": DeepSpeedConfig,
+}
+
+
+def _unknown_key_message(loc: tuple, raw: Any) -> str:
+    import difflib
+
+    key = str(loc[-1])
+    parent = [p for p in loc[:-1] if isinstance(p, str)]
+    if not parent:
+        model: type[BaseModel] = JobConfig
+    elif parent == ["stages"]:
+        model = StageConfig
+    else:
+        model = _SECTIONS.get(parent[-1], StageConfig)
+    allowed = sorted(model.model_fields)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key '{key}'; {hint}allowed: {', '.join(allowed)}"

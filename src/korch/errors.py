@@ -1,0 +1,5 @@
+"""Errors meant for the user: the CLI prints them as one line each and exits 2, with no traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (a path, a flag, a file). The message names the thing and the fix."""

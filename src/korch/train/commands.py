@@ -1,0 +1,73 @@
+"""CLI commands of the training side: `korch run`, `korch tokenizer train`, `korch bench train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from korch.config import load_job
+    from korch.train.job import run_job
+
+    job = load_job(args.job, args.set)
+    summaries = run_job(job, args.runs_dir, address=args.address, fresh=args.fresh,
+                        from_checkpoint=args.from_checkpoint, only=args.stage or None)
+    for name, summary in summaries.items():
+        shown = {k: v for k, v in summary.items() if k != "probe_logits"}
+        print(f"[korch] {job.name}/{name}: {json.dumps(shown, ensure_ascii=False)}")
+    return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from korch.config import DataConfig, TokenizerConfig
+    from korch.errors import UserError
+    from korch.train.runner import _limit
+
+    try:
+        data = DataConfig(inputs=args.inputs)
+        settings = TokenizerConfig(vocab_size=args.vocab_size, pre_tokenize=args.pre_tokenize,
+                                   min_frequency=args.min_frequency, max_docs=args.max_docs)
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[-1].strip()) from None
+    from korch.data.readers import iter_documents
+    from korch.data.tokenizer import train_wordpiece
+
+    train_wordpiece(_limit(iter_documents(list(data.inputs), data), settings.max_docs), args.output,
+                    vocab_size=settings.vocab_size, min_frequency=settings.min_frequency,
+                    pre_tokenize=settings.pre_tokenize)
+    print(f"[korch] tokenizer saved to {args.output}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run a job's stages on Ray (local Ray unless --address)")
+    p.add_argument("job", metavar="JOB.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field before validation, e.g. stages.mlm.train.lr=1e-4")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' for the local node's cluster); default: RAY_ADDRESS, else a new local Ray")
+    p.add_argument("--runs-dir", default="runs", help="where outputs go: RUNS/<job>/<stage>/ (default ./runs)")
+    p.add_argument("--fresh", action="store_true", help="clear the stages' folders and start over instead of resuming/skipping")
+    p.add_argument("--from-checkpoint", default=None, metavar="PATH",
+                   help="start the stage(s) from a korch checkpoint or an HF checkpoint-<step>/ folder")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME", help="run only this stage (repeatable)")
+    p.set_defaults(func=_cmd_run)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_cmd", required=True, metavar="CMD")
+    p = tok.add_parser("train", help="train a WordPiece tokenizer on a corpus and save it in Hugging Face format")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--pre-tokenize", choices=["whitespace", "morphemes"], default="whitespace")
+    p.add_argument("--max-docs", type=int, default=50_000)
+    p.set_defaults(func=_cmd_tokenizer_train)
+
+
+def register_bench(bench) -> None:
+    try:
+        from korch.train import bench as train_bench
+    except ImportError:
+        return
+    train_bench.register(bench)

@@ -1,0 +1,138 @@
+"""`korch run`: load spec → start or join Ray → run stages in order → write outputs → shut down.
+
+What a re-run does in a runs dir that already holds a stage (korch decides, not Ray):
+- the stage finished (`summary.json` present): it is skipped, and its `final/` feeds later stages;
+- the stage started but did not finish: it resumes from its latest checkpoint (same step, LR, optimizer
+  state and data position);
+- `--fresh`: the stage folder is cleared and the stage starts over;
+- `--from-checkpoint PATH`: the stage starts from PATH (a korch checkpoint, or an HF `checkpoint-<step>/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from korch.config import JobConfig, StageConfig
+from korch.errors import UserError
+from korch.tasks import TASKS
+from korch.train.runlog import RunLog
+
+SUMMARY = "summary.json"
+
+
+def stage_is_finished(stage_dir: Path) -> bool:
+    return (stage_dir / SUMMARY).is_file()
+
+
+def local_cpus_needed(job: JobConfig) -> int:
+    """Ray counts CPUs logically: leave room for Ray Data readers and Kiwi actors beside the train workers."""
+    need = 0.0
+    for stage in job.stages:
+        dist = stage.distributed
+        need = max(need, dist.num_workers * dist.cpus_per_worker + stage.data.preprocess_actors * stage.data.actor_cpus + 1)
+    return max(os.cpu_count() or 1, int(-(-need // 1)))
+
+
+def start_ray(job: JobConfig, address: str | None) -> bool:
+    """Join a cluster when asked (or under `ray job submit`, which sets RAY_ADDRESS); else start a local one."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        print(f"[korch] joining the Ray cluster at {address}", flush=True)
+        ray.init(address=address, log_to_driver=True)
+        return True
+    cpus = local_cpus_needed(job)
+    print(f"[korch] starting a local Ray with {cpus} logical CPUs (machine has {os.cpu_count()})", flush=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    return True
+
+
+def _check_resources(stage: StageConfig, joined: bool) -> None:
+    """Fail fast instead of waiting forever for workers the cluster can never place."""
+    try:
+        from korch.cluster.plan import check_live_cluster
+    except ImportError:
+        return
+    import ray
+
+    problem = check_live_cluster(stage.distributed, ray.cluster_resources(), ray.nodes())
+    if problem:
+        raise UserError(f"stage {stage.name}: {problem}")
+
+
+def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bool = False,
+            from_checkpoint: str | None = None, only: list[str] | None = None) -> dict:
+    from korch.train.runner import StageContext
+
+    job_dir = Path(runs_dir).resolve() / job.name
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    started_ray = False
+    summaries: dict[str, dict] = {}
+    try:
+        for stage in job.stages:
+            stage_dir = job_dir / stage.name
+            start_from = str(job_dir / stage.needs / "final") if stage.needs else None
+            if only and stage.name not in only:
+                continue
+            if fresh and stage_dir.exists():
+                shutil.rmtree(stage_dir)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            (stage_dir / "job.yaml").write_text(
+                yaml.safe_dump({"name": job.name, "stages": [stage.model_dump(mode="json")]}, sort_keys=False, allow_unicode=True))
+            events = RunLog(str(stage_dir))
+            if stage_is_finished(stage_dir) and not from_checkpoint:
+                events.event("skip", reason="finished earlier; use --fresh to run it again")
+                summaries[stage.name] = json.loads((stage_dir / SUMMARY).read_text())
+                continue
+            if start_from and not Path(start_from, "config.json").exists() and TASKS[stage.task].needs_data:
+                raise UserError(f"stage {stage.name} needs '{stage.needs}', but {start_from} holds no model; "
+                                f"run stage {stage.needs} first")
+            if not started_ray:
+                started_ray = start_ray(job, address) or True
+            _check_resources(stage, joined=bool(address))
+            ctx = StageContext(stage_dir=stage_dir, start_from=start_from, fresh_run=fresh)
+            if from_checkpoint:
+                _apply_from_checkpoint(ctx, from_checkpoint)
+            events.event("start", step=0, task=stage.task, workers=stage.distributed.num_workers,
+                         resume=(stage_dir / "ray").exists() and not fresh)
+            began = time.time()
+            summary = TASKS[stage.task].load_runner()(stage, ctx)
+            summary = dict(summary or {}, seconds=round(time.time() - began, 1))
+            (stage_dir / SUMMARY).write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+            events.event("finish", step=summary.get("final_step"), seconds=summary["seconds"],
+                         loss=summary.get("final_loss"))
+            summaries[stage.name] = summary
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return summaries
+
+
+def _apply_from_checkpoint(ctx, path: str) -> None:
+    from korch.train.checkpoint import is_checkpoint
+
+    source = Path(path).expanduser().resolve()
+    if not source.exists():
+        raise UserError(f"--from-checkpoint {path}: no such folder; give a korch checkpoint (state.json) or an "
+                        "HF folder such as runs/<job>/<stage>/checkpoint-<step>")
+    if is_checkpoint(source):
+        ctx.resume_from = str(source)
+    elif (source / "config.json").exists():
+        ctx.start_from = str(source)
+        ctx.fresh_run = True
+    else:
+        raise UserError(f"--from-checkpoint {path}: neither a korch checkpoint (state.json + safetensors) "
+                        "nor a Hugging Face model folder (config.json)")

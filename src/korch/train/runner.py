@@ -1,0 +1,148 @@
+"""Driver side of a training stage: tokenizer → prepared data → Ray Train with DeepSpeed → outputs.
+
+Outputs in the stage folder: `final/` (HF model + tokenizer), `checkpoint-<step>/` per epoch, `metrics.jsonl`,
+`events.jsonl`, `eval.json`, and `ray/` (Ray Train's storage with korch's consolidated checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from korch.config import StageConfig
+from korch.errors import UserError
+
+RUN_STATE = "run.json"
+
+
+@dataclass
+class StageContext:
+    """What a task runner gets besides its own stage spec."""
+
+    stage_dir: Path
+    start_from: str | None = None
+    """The `final/` folder of the stage named in `needs`."""
+    tokenizer_dir: str | None = None
+    resume_from: str | None = None
+    """A korch checkpoint folder (state.json + safetensors) to continue from (`--from-checkpoint`)."""
+    fresh_run: bool = False
+    """Start a new Ray run name instead of resuming the stage's last one."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_tokenizer(stage: StageConfig, ctx: StageContext) -> str:
+    """An explicit tokenizer, else the starting model's, else one trained on this stage's corpus (cached)."""
+    if stage.tokenizer.path:
+        return stage.tokenizer.path
+    for source in (ctx.start_from, stage.model.pretrained):
+        if source and Path(source, "tokenizer.json").exists() or source and Path(source, "vocab.txt").exists():
+            return source
+    target = ctx.stage_dir / "tokenizer"
+    if (target / "tokenizer.json").exists():
+        return str(target)
+    from korch.data.readers import iter_documents
+    from korch.data.tokenizer import train_wordpiece
+
+    print(f"[korch] {stage.name}: training a WordPiece tokenizer (vocab {stage.tokenizer.vocab_size}, "
+          f"{stage.tokenizer.pre_tokenize}) on {len(stage.data.inputs)} input(s)", flush=True)
+    texts = _limit(iter_documents(list(stage.data.inputs), stage.data), stage.tokenizer.max_docs)
+    train_wordpiece(texts, str(target), vocab_size=stage.tokenizer.vocab_size,
+                    min_frequency=stage.tokenizer.min_frequency, pre_tokenize=stage.tokenizer.pre_tokenize)
+    return str(target)
+
+
+def _limit(items, count):
+    for index, item in enumerate(items):
+        if count is not None and index >= count:
+            return
+        yield item
+
+
+def resolve_prepared_data(stage: StageConfig, ctx: StageContext, tokenizer_dir: str) -> str:
+    from korch.data.pipeline import is_prepared, prepare_corpus
+
+    inputs = stage.data.inputs
+    if len(inputs) == 1 and is_prepared(inputs[0]):
+        return inputs[0]
+    output = ctx.stage_dir / "data"
+    prepare_corpus(stage.data, tokenizer_dir, str(output), seed=stage.train.seed, progress=True)
+    return str(output)
+
+
+def _ray_run_name(stage_dir: Path, new: bool) -> str:
+    """Ray resumes any run whose name and storage match, so korch records which name is current."""
+    state_file = stage_dir / RUN_STATE
+    if not new and state_file.exists():
+        return json.loads(state_file.read_text())["ray_run_name"]
+    name = "train" if not (stage_dir / "ray").exists() else f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    state_file.write_text(json.dumps({"ray_run_name": name}))
+    return name
+
+
+def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from korch.data.pipeline import load_manifest, rows_per_worker, train_dataset
+    from korch.train.deepspeed_config import build_deepspeed_config
+    from korch.train.loop import FAIL_ENV, TrainLoopConfig, plan_steps, train_loop_per_worker
+    from korch.train.runlog import start_run_log
+    from korch.train.scaling import build_failure_config, build_scaling_config, build_torch_config
+
+    dist = stage.distributed
+    tokenizer_dir = ctx.tokenizer_dir or resolve_tokenizer(stage, ctx)
+    prepared = resolve_prepared_data(stage, ctx, tokenizer_dir)
+    manifest = load_manifest(prepared)
+    seq_len = int(manifest.get("seq_len", stage.data.seq_len))
+    rows = rows_per_worker(manifest, "train", dist.num_workers)
+    has_validation = manifest.get("splits", {}).get("validation", {}).get("rows", 0) >= dist.num_workers
+    try:
+        steps_per_epoch, total_steps = plan_steps(stage.train, rows)
+    except ValueError as exc:
+        raise UserError(f"stage {stage.name}: {exc}") from None
+    print(f"[korch] {stage.name}: {rows} rows per worker x {dist.num_workers} workers, {steps_per_epoch} steps/epoch, "
+          f"{total_steps} steps planned, ZeRO-{dist.deepspeed.zero_stage}", flush=True)
+
+    log_name = f"korch-log-{os.getpid()}-{time.time_ns()}"
+    log = start_run_log(str(ctx.stage_dir), log_name)
+    fail_at = os.environ.get(FAIL_ENV)
+    loop_config = TrainLoopConfig(
+        stage_dir=str(ctx.stage_dir), tokenizer_dir=tokenizer_dir, start_from=ctx.start_from,
+        resume_from=ctx.resume_from, model=stage.model, train=stage.train, eval=stage.eval,
+        deepspeed_config=build_deepspeed_config(dist.deepspeed, stage.train, dist.num_workers, dist.use_gpu),
+        seq_len=seq_len, mlm_probability=stage.data.mlm_probability, rows_per_worker=rows,
+        has_validation=has_validation, use_gpu=dist.use_gpu, cpus_per_worker=dist.cpus_per_worker,
+        log_actor=log_name, fail_at_step=int(fail_at) if fail_at else None,
+    )
+    datasets = {"train": train_dataset(prepared, "train", stage.train.seed, 0, dist.num_workers)}
+    if has_validation:
+        datasets["validation"] = train_dataset(prepared, "validation", stage.train.seed, 0, dist.num_workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config.model_dump(mode="json"),
+        torch_config=build_torch_config(dist),
+        scaling_config=build_scaling_config(dist),
+        datasets=datasets,
+        run_config=RunConfig(
+            name=_ray_run_name(ctx.stage_dir, ctx.fresh_run or bool(ctx.resume_from)),
+            storage_path=str((ctx.stage_dir / "ray").resolve()),
+            failure_config=build_failure_config(dist),
+            checkpoint_config=CheckpointConfig(num_to_keep=stage.train.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        ray.kill(log)
+    summary = result.return_value or {}
+    if result.error:
+        raise result.error
+    evaluation = summary.get("eval", {"note": "no held-out split large enough to evaluate"})
+    (ctx.stage_dir / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
+    return {"final_step": summary.get("step"), "final_loss": summary.get("loss"), "eval": evaluation,
+            "probe_logits": summary.get("probe_logits")}
