@@ -69,7 +69,18 @@ def _register_optional(module_name: str, sub, bench) -> None:
         module.register_bench(bench)
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so `finally` blocks shut Ray down and no output is
+    # left half-written; checkpoints already taken stay valid for the next `korch run`.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -39,33 +39,46 @@ def local_cpus_needed(job: JobConfig) -> int:
     return max(os.cpu_count() or 1, int(-(-need // 1)))
 
 
-def start_ray(job: JobConfig, address: str | None) -> bool:
-    """Join a cluster when asked (or under `ray job submit`, which sets RAY_ADDRESS); else start a local one."""
+def start_ray(job: JobConfig, address: str | None) -> str | None:
+    """Join a cluster when asked (or under `ray job submit`, which sets RAY_ADDRESS); else start a local one.
+
+    Returns "joined", "local", or None when Ray was already initialised by the caller (tests, notebooks).
+    """
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
-        return False
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         print(f"[korch] joining the Ray cluster at {address}", flush=True)
         ray.init(address=address, log_to_driver=True)
-        return True
+        return "joined"
     cpus = local_cpus_needed(job)
     print(f"[korch] starting a local Ray with {cpus} logical CPUs (machine has {os.cpu_count()})", flush=True)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
-    return True
+    init_local_ray(cpus)
+    return "local"
 
 
-def _check_resources(stage: StageConfig, joined: bool) -> None:
-    """Fail fast instead of waiting forever for workers the cluster can never place."""
-    try:
-        from korch.cluster.plan import check_live_cluster
-    except ImportError:
-        return
+def init_local_ray(num_cpus: int) -> None:
+    """An embedded Ray without the dashboard.
+
+    Ray Train's PlacementGroupCleaner asks the state API whether the controller lives. Without a dashboard of
+    our own it auto-detects one, and with another Ray on the machine it can ask the wrong cluster, hear "dead",
+    and remove our workers' placement group mid-run. Pointing the state API at a closed port makes that check
+    fail safe ("unavailable, keep monitoring"); the embedded cluster is shut down with korch anyway.
+    """
     import ray
 
-    problem = check_live_cluster(stage.distributed, ray.cluster_resources(), ray.nodes())
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def _check_resources(stage: StageConfig, korch_started_ray: bool) -> None:
+    """Fail fast instead of waiting forever for workers the cluster can never place."""
+    from korch.cluster.live import check_stage_fits
+
+    problem = check_stage_fits(stage.distributed, started_ray=korch_started_ray)
     if problem:
         raise UserError(f"stage {stage.name}: {problem}")
 
@@ -77,7 +90,8 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
     job_dir = Path(runs_dir).resolve() / job.name
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
-    started_ray = False
+    ray_mode: str | None = None
+    ray_ready = False
     summaries: dict[str, dict] = {}
     try:
         for stage in job.stages:
@@ -98,9 +112,10 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
             if start_from and not Path(start_from, "config.json").exists() and TASKS[stage.task].needs_data:
                 raise UserError(f"stage {stage.name} needs '{stage.needs}', but {start_from} holds no model; "
                                 f"run stage {stage.needs} first")
-            if not started_ray:
-                started_ray = start_ray(job, address) or True
-            _check_resources(stage, joined=bool(address))
+            if not ray_ready:
+                ray_mode = start_ray(job, address)
+                ray_ready = True
+            _check_resources(stage, korch_started_ray=ray_mode == "local")
             ctx = StageContext(stage_dir=stage_dir, start_from=start_from, fresh_run=fresh)
             if from_checkpoint:
                 _apply_from_checkpoint(ctx, from_checkpoint)
@@ -114,7 +129,7 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
                          loss=summary.get("final_loss"))
             summaries[stage.name] = summary
     finally:
-        if started_ray:
+        if ray_mode:
             import ray
 
             ray.shutdown()

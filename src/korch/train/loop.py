@@ -119,8 +119,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     global_step = int(state["step"])
     if moments is not None:
         ckpt.restore_optimizer_state(engine.module, optimizer, moments, int(state.get("adam_step", global_step)))
-        scheduler.last_epoch = global_step - 1
-        scheduler.step()
+        _restore_schedule(scheduler, global_step)
         if is_rank_zero:
             log.event.remote("resume", step=global_step, attempt=attempt, from_step=global_step,
                              source=str(cfg.resume_from if ray_checkpoint is None else "ray"))
@@ -166,6 +165,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                         "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                         "samples_per_s": window_samples * world_size / max(elapsed, 1e-9),
                         "memory_mb_per_token": _memory_mb(device) / (train.micro_batch_size * cfg.seq_len),
+                        "time": time.time(),
                     })
                 window_start, window_samples = time.perf_counter(), 0
             epoch_end = global_step % steps_per_epoch == 0
@@ -180,7 +180,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if global_step < total_steps and global_step % steps_per_epoch:
                 raise RuntimeError("the data ran out before the planned steps of the epoch; the dataset changed?")
 
-    summary: dict[str, Any] = {"step": global_step, "loss": last_loss}
+    ray.get(log.flush.remote())  # this rank's log rows are written before the driver stops the actor
+    summary: dict[str, Any] = {"step": global_step, "loss": last_loss, **_optimizer_bytes(optimizer)}
     if cfg.has_validation and cfg.eval.every != "never":
         summary["eval"] = _evaluate(engine, cfg, tokenizer, special_ids, rank, device)
     _export_final(engine, cfg, tokenizer, is_rank_zero)
@@ -191,10 +192,33 @@ def train_loop_per_worker(config: dict) -> dict | None:
     return None
 
 
+def _restore_schedule(scheduler, step: int) -> None:
+    """Put a LambdaLR at `step` without calling step() before the optimizer has stepped."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def _micro_batches(shard, batch_size: int, skip: int) -> Iterator[dict]:
     for index, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True)):
         if index >= skip:
             yield batch
+
+
+def _optimizer_bytes(optimizer) -> dict[str, int]:
+    """What this rank holds: Adam moments (what ZeRO-1+ partitions) and ZeRO's separate fp32 master partitions."""
+    import torch
+
+    from korch.train.checkpoint import _inner_torch_optimizer
+
+    inner = _inner_torch_optimizer(optimizer)
+    moments = sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
+                  if torch.is_tensor(t) and t.ndim > 0)
+    masters = [*(getattr(optimizer, "single_partition_of_fp32_groups", None) or []),
+               *(getattr(optimizer, "fp32_partitioned_groups_flat", None) or [])]
+    return {"optimizer_state_bytes": int(moments), "master_param_bytes": int(sum(t.numel() * t.element_size() for t in masters))}
 
 
 def _memory_mb(device) -> float:

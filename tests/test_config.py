@@ -1,0 +1,134 @@
+"""The job spec: shipped YAMLs validate, each kind of mistake gives one line naming the field, overrides work."""
+
+from __future__ import annotations
+
+import glob
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from korch.cli import main
+from korch.config import SpecError, load_job
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+GOOD = """\
+name: t
+stages:
+  - name: mlm
+    task: mlm
+    data: {{inputs: [{data}], seq_len: 64}}
+    train: {{max_steps: 10, lr: 2e-5}}
+    distributed: {{num_workers: 2, deepspeed: {{zero_stage: 2}}}}
+"""
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def _good(tmp_path: Path) -> str:
+    return GOOD.format(data=DATA / "kowiki_sample")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "jobs" / "*.yaml"))))
+def test_every_shipped_job_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # shipped jobs use paths relative to the repo root
+    job = load_job(path)
+    assert job.stages
+
+
+def test_scientific_notation_reads_as_float(tmp_path):
+    job = load_job(_write(tmp_path, _good(tmp_path)))
+    assert job.stages[0].train.lr == pytest.approx(2e-5)
+
+
+@pytest.mark.parametrize("change, field, words", [
+    (("max_steps: 10", "max_stepz: 10"), "stages.mlm.train.max_stepz", "did you mean 'max_steps'"),
+    (("num_workers: 2", "num_workers: two"), "stages.mlm.distributed.num_workers", "valid integer"),
+    (("num_workers: 2", "num_workers: '2'"), "stages.mlm.distributed.num_workers", "valid integer"),
+    (("task: mlm", "task: mlmm"), "stages.mlm.task", "unknown task 'mlmm'; allowed:"),
+    (("num_workers: 2", "num_workers: -2"), "stages.mlm.distributed.num_workers", "greater than or equal to 1"),
+    (("zero_stage: 2", "zero_stage: 7"), "stages.mlm.distributed.deepspeed.zero_stage", "less than or equal to 3"),
+])
+def test_each_mistake_is_one_line_naming_the_field(tmp_path, capsys, change, field, words):
+    path = _write(tmp_path, _good(tmp_path).replace(*change))
+    assert main(["validate", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"{path}: {field}: ") and words in err[0], err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_missing_data_path_is_named(tmp_path, capsys):
+    path = _write(tmp_path, GOOD.format(data=tmp_path / "no_such_corpus"))
+    assert main(["validate", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stages.mlm.data.inputs: data input" in err[0] and "no_such_corpus' does not exist" in err[0]
+
+
+def test_broken_yaml_gives_the_line(tmp_path, capsys):
+    path = _write(tmp_path, "name: t\nstages:\n  - name: mlm\n    task: [mlm\n    train: {max_steps: 1}\n")
+    assert main(["validate", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 5" in err[0] and "invalid YAML" in err[0], err
+
+
+def test_missing_job_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_validate_ok_exits_zero(tmp_path, capsys):
+    assert main(["validate", _write(tmp_path, _good(tmp_path))]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_overrides_address_stages_by_name(tmp_path):
+    path = _write(tmp_path, _good(tmp_path))
+    job = load_job(path, ["stages.mlm.train.lr=1e-4", "stages.mlm.distributed.num_workers=4",
+                          "stages.mlm.distributed.deepspeed.zero_stage=3", "stages.mlm.data.seq_len=128"])
+    stage = job.stage("mlm")
+    assert (stage.train.lr, stage.distributed.num_workers, stage.distributed.deepspeed.zero_stage, stage.data.seq_len) == (1e-4, 4, 3, 128)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("stages.nope.train.lr=1", "no stage named 'nope'"),
+    ("stages.mlm.train.bogus=1", "unknown key 'bogus'"),
+    ("stages.mlm.train.lr", "expected KEY=VALUE"),
+    ("stages.mlm.distributed.num_workers=-1", "greater than or equal to 1"),
+])
+def test_bad_overrides_are_errors(tmp_path, override, words):
+    with pytest.raises(SpecError, match=words):
+        load_job(_write(tmp_path, _good(tmp_path)), [override])
+
+
+def test_relative_paths_resolve_against_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(DATA)
+    job = load_job(_write(tmp_path, GOOD.format(data="kowiki_sample")))
+    assert job.stages[0].data.inputs == [str(DATA / "kowiki_sample")]
+
+
+@pytest.mark.parametrize("change, words", [
+    (("seq_len: 64", "seq_len: 64}\n    model: {max_position_embeddings: 32"), "max_position_embeddings 32 is smaller than data.seq_len 64"),
+    (("zero_stage: 2", "zero_stage: 2, precision: bf16"), "needs use_gpu: true"),
+    (("zero_stage: 2", "zero_stage: 2, offload_params: true"), "offload_params needs zero_stage: 3"),
+    (("    train: {max_steps: 10, lr: 2e-5}\n", ""), None),
+])
+def test_cross_field_rules(tmp_path, change, words):
+    text = _good(tmp_path).replace(*change)
+    if words is None:  # the default train section has max_steps, so dropping it is fine
+        load_job(_write(tmp_path, text))
+        return
+    with pytest.raises(SpecError, match=words):
+        load_job(_write(tmp_path, text))
+
+
+def test_needs_must_name_an_earlier_stage(tmp_path):
+    text = _good(tmp_path) + "  - {name: ft, task: mlm, needs: later, data: {inputs: [" + str(DATA / "nsmc") + "]}}\n"
+    with pytest.raises(SpecError, match="needs 'later', which is not an earlier stage"):
+        load_job(_write(tmp_path, text))
