@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from korch.errors import UserError
+from korch.errors import StageFailed, UserError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines() or ["error"]:
             print(f"korch: error: {line}", file=sys.stderr)
         return 2
+    except StageFailed as exc:
+        print(f"korch: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("korch: interrupted", file=sys.stderr)
         return 130

@@ -248,9 +248,6 @@ class StageConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_fields(self) -> "StageConfig":
-        task = TASKS[self.task]
-        if task.needs_data and not self.data.inputs:
-            raise ValueError(f"task {self.task} needs data.inputs (corpus files or folders)")
         mpe = self.model.max_position_embeddings
         if mpe is not None and mpe < self.data.seq_len:
             raise ValueError(f"model.max_position_embeddings {mpe} is smaller than data.seq_len "
@@ -273,6 +270,10 @@ class JobConfig(_Strict):
             if stage.needs is not None and stage.needs not in seen:
                 raise ValueError(f"stage '{stage.name}' needs '{stage.needs}', which is not an earlier stage; "
                                  f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
+            feeds_data = stage.needs is not None and self.stage(stage.needs).task == "data_prepare"
+            if TASKS[stage.task].needs_data and not stage.data.inputs and not feeds_data:
+                raise ValueError(f"stage '{stage.name}' (task {stage.task}) needs data.inputs (corpus files or "
+                                 "folders), or `needs:` a data_prepare stage")
             seen.add(stage.name)
         return self
 

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user (a path, a flag, a file). The message names the thing and the fix."""
+
+
+class StageFailed(Exception):
+    """A stage ran but could not finish (workers kept failing). Printed as one line, exit 1; checkpoints stay."""

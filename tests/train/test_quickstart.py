@@ -134,12 +134,17 @@ def test_zero3_export_matches_in_memory_logits(quickstart, tmp_path):
 
 
 def test_resume_on_a_different_worker_count(quickstart, tmp_path):
-    checkpoints = sorted((quickstart / "ray").glob("*/checkpoint_*"))
-    assert checkpoints, "the quickstart kept no checkpoint"
-    done = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path), "--from-checkpoint", str(checkpoints[-1]),
-                 *small(quickstart, 210, "--set", "stages.mlm.distributed.num_workers=1"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    stage = tmp_path / "quickstart" / "mlm"
-    resume = next(e for e in read_jsonl(stage / "events.jsonl") if e["event"] == "resume")
-    assert resume["from_step"] == 200
-    assert read_jsonl(stage / "metrics.jsonl")[-1]["step"] == 210
+    """2 workers -> 1 (from the quickstart's stage folder: its newest checkpoint) -> 2 again."""
+    one = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path / "one"), "--from-checkpoint", str(quickstart),
+                *small(quickstart, 205, "--set", "stages.mlm.distributed.num_workers=1"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    one_stage = tmp_path / "one" / "quickstart" / "mlm"
+    assert next(e for e in read_jsonl(one_stage / "events.jsonl") if e["event"] == "resume")["from_step"] == 200
+    assert read_jsonl(one_stage / "metrics.jsonl")[-1]["step"] == 205
+
+    two = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path / "two"), "--from-checkpoint", str(one_stage),
+                *small(quickstart, 210))
+    assert two.returncode == 0, two.stderr[-3000:]
+    two_stage = tmp_path / "two" / "quickstart" / "mlm"
+    assert next(e for e in read_jsonl(two_stage / "events.jsonl") if e["event"] == "resume")["from_step"] == 205
+    assert read_jsonl(two_stage / "metrics.jsonl")[-1]["step"] == 210

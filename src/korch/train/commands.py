@@ -20,6 +20,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from korch.config import DataConfig, TokenizerConfig
     from korch.errors import UserError
     from korch.train.runner import _limit
@@ -28,8 +30,8 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         data = DataConfig(inputs=args.inputs)
         settings = TokenizerConfig(vocab_size=args.vocab_size, pre_tokenize=args.pre_tokenize,
                                    min_frequency=args.min_frequency, max_docs=args.max_docs)
-    except ValueError as exc:
-        raise UserError(str(exc).splitlines()[-1].strip()) from None
+    except ValidationError as exc:
+        raise UserError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
     from korch.data.readers import iter_documents
     from korch.data.tokenizer import train_wordpiece
 

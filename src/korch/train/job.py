@@ -85,7 +85,10 @@ def _check_resources(stage: StageConfig, korch_started_ray: bool) -> None:
 
 def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bool = False,
             from_checkpoint: str | None = None, only: list[str] | None = None) -> dict:
-    from korch.train.runner import StageContext
+    from korch.train.runner import StageContext, apply_from_checkpoint
+
+    if from_checkpoint:  # check before any Ray start-up or folder is touched
+        apply_from_checkpoint(StageContext(stage_dir=Path(runs_dir)), from_checkpoint)
 
     job_dir = Path(runs_dir).resolve() / job.name
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +100,9 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
         for stage in job.stages:
             stage_dir = job_dir / stage.name
             start_from = str(job_dir / stage.needs / "final") if stage.needs else None
+            feeds_data = bool(stage.needs) and job.stage(stage.needs).task == "data_prepare"
+            if feeds_data:  # a data_prepare stage hands over its packed shards and tokenizer, not a model
+                start_from = None
             if only and stage.name not in only:
                 continue
             if fresh and stage_dir.exists():
@@ -117,8 +123,13 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
                 ray_ready = True
             _check_resources(stage, korch_started_ray=ray_mode == "local")
             ctx = StageContext(stage_dir=stage_dir, start_from=start_from, fresh_run=fresh)
+            if feeds_data:
+                needed = job_dir / stage.needs
+                ctx.extra["prepared_data"] = str(needed / "data")
+                if (needed / "tokenizer" / "tokenizer.json").exists() and not stage.tokenizer.path:
+                    ctx.tokenizer_dir = str(needed / "tokenizer")
             if from_checkpoint:
-                _apply_from_checkpoint(ctx, from_checkpoint)
+                apply_from_checkpoint(ctx, from_checkpoint)
             events.event("start", step=0, task=stage.task, workers=stage.distributed.num_workers,
                          resume=(stage_dir / "ray").exists() and not fresh)
             began = time.time()
@@ -134,20 +145,3 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
 
             ray.shutdown()
     return summaries
-
-
-def _apply_from_checkpoint(ctx, path: str) -> None:
-    from korch.train.checkpoint import is_checkpoint
-
-    source = Path(path).expanduser().resolve()
-    if not source.exists():
-        raise UserError(f"--from-checkpoint {path}: no such folder; give a korch checkpoint (state.json) or an "
-                        "HF folder such as runs/<job>/<stage>/checkpoint-<step>")
-    if is_checkpoint(source):
-        ctx.resume_from = str(source)
-    elif (source / "config.json").exists():
-        ctx.start_from = str(source)
-        ctx.fresh_run = True
-    else:
-        raise UserError(f"--from-checkpoint {path}: neither a korch checkpoint (state.json + safetensors) "
-                        "nor a Hugging Face model folder (config.json)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from korch.config import StageConfig
-from korch.errors import UserError
+from korch.errors import StageFailed, UserError
 
 RUN_STATE = "run.json"
 
@@ -65,6 +65,8 @@ def _limit(items, count):
 def resolve_prepared_data(stage: StageConfig, ctx: StageContext, tokenizer_dir: str) -> str:
     from korch.data.pipeline import is_prepared, prepare_corpus
 
+    if ctx.extra.get("prepared_data"):
+        return ctx.extra["prepared_data"]
     inputs = stage.data.inputs
     if len(inputs) == 1 and is_prepared(inputs[0]):
         return inputs[0]
@@ -141,8 +143,41 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
         ray.kill(log)
     summary = result.return_value or {}
     if result.error:
-        raise result.error
+        reason = next((line.strip() for line in str(result.error).splitlines() if line.strip()), type(result.error).__name__)
+        raise StageFailed(f"stage {stage.name} failed after {max(dist.max_failures, 0)} allowed worker failure(s): "
+                          f"{reason}; checkpoints in {ctx.stage_dir / 'ray'} are kept, run the same command to resume")
     evaluation = summary.get("eval", {"note": "no held-out split large enough to evaluate"})
     (ctx.stage_dir / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
     return {"final_step": summary.get("step"), "final_loss": summary.get("loss"), "eval": evaluation,
             "probe_logits": summary.get("probe_logits")}
+
+
+def apply_from_checkpoint(ctx: StageContext, path: str) -> None:
+    """Point the stage at PATH: a korch checkpoint resumes with full state, an HF folder gives start weights."""
+    from korch.train.checkpoint import is_checkpoint
+
+    source = Path(path).expanduser().resolve()
+    if source.is_dir() and not is_checkpoint(source) and not (source / "config.json").exists():
+        source = latest_checkpoint(source) or source  # a stage or Ray run folder: take its newest checkpoint
+    if not source.exists():
+        raise UserError(f"--from-checkpoint {path}: no such folder; give a korch checkpoint (state.json) or an "
+                        "HF folder such as runs/<job>/<stage>/checkpoint-<step>")
+    if is_checkpoint(source):
+        ctx.resume_from = str(source)
+    elif (source / "config.json").exists():
+        ctx.start_from = str(source)
+        ctx.fresh_run = True
+    else:
+        raise UserError(f"--from-checkpoint {path}: neither a korch checkpoint (state.json + safetensors) "
+                        "nor a Hugging Face model folder (config.json)")
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The korch checkpoint with the highest step under a stage folder (`ray/<run>/checkpoint_*`) or a Ray run folder."""
+    from korch.train.checkpoint import is_checkpoint
+
+    candidates = [p for pattern in ("checkpoint_*", "*/checkpoint_*", "ray/*/checkpoint_*") for p in folder.glob(pattern)
+                  if is_checkpoint(p)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: (json.loads((p / "state.json").read_text()).get("step", 0), p.stat().st_mtime))

@@ -1,0 +1,62 @@
+"""Driver-side decisions that need no Ray: CPU sizing, --from-checkpoint checks, data_prepare hand-over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from korch.cli import main
+from korch.config import load_job
+from korch.train.job import local_cpus_needed
+from korch.train.runner import StageContext, apply_from_checkpoint
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+JOB = """\
+name: chain
+stages:
+  - {{name: prepare, task: data_prepare, data: {{inputs: [{data}], seq_len: 64}}}}
+  - {{name: mlm, task: mlm, needs: prepare, train: {{max_steps: 5}}, distributed: {{num_workers: 2}}}}
+"""
+
+
+def test_local_ray_leaves_room_for_data_actors(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB.format(data=DATA / "nsmc"))
+    job = load_job(path)
+    assert local_cpus_needed(job) >= 2 * 1.0 + 2 * 0.5 + 1
+
+
+def test_a_stage_may_take_its_data_from_a_data_prepare_stage(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB.format(data=DATA / "nsmc"))
+    job = load_job(path)
+    assert job.stage("mlm").data.inputs == []
+    path.write_text(JOB.format(data=DATA / "nsmc").replace("needs: prepare, ", ""))
+    assert main(["validate", str(path)]) == 2
+
+
+def test_from_checkpoint_must_exist(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    code = main(["run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path), "--from-checkpoint", str(tmp_path / "nope")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--from-checkpoint" in err[0] and "no such folder" in err[0]
+
+
+def test_from_checkpoint_kinds(tmp_path):
+    from korch.train.checkpoint import write_checkpoint
+
+    write_checkpoint(tmp_path / "korch", {}, {}, {"step": 3})
+    ctx = StageContext(stage_dir=tmp_path / "s")
+    apply_from_checkpoint(ctx, str(tmp_path / "korch"))
+    assert ctx.resume_from == str(tmp_path / "korch") and ctx.start_from is None
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({}))
+    ctx = StageContext(stage_dir=tmp_path / "s")
+    apply_from_checkpoint(ctx, str(tmp_path / "hf"))
+    assert ctx.start_from == str(tmp_path / "hf") and ctx.resume_from is None
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(Exception, match="neither a korch checkpoint"):
+        apply_from_checkpoint(StageContext(stage_dir=tmp_path / "s"), str(tmp_path / "junk"))
