@@ -98,13 +98,9 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
     summaries: dict[str, dict] = {}
     try:
         for stage in job.stages:
-            stage_dir = job_dir / stage.name
-            start_from = str(job_dir / stage.needs / "final") if stage.needs else None
-            feeds_data = bool(stage.needs) and job.stage(stage.needs).task == "data_prepare"
-            if feeds_data:  # a data_prepare stage hands over its packed shards and tokenizer, not a model
-                start_from = None
             if only and stage.name not in only:
                 continue
+            stage_dir = job_dir / stage.name
             if fresh and stage_dir.exists():
                 shutil.rmtree(stage_dir)
             stage_dir.mkdir(parents=True, exist_ok=True)
@@ -115,21 +111,10 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
                 events.event("skip", reason="finished earlier; use --fresh to run it again")
                 summaries[stage.name] = json.loads((stage_dir / SUMMARY).read_text())
                 continue
-            if start_from and not Path(start_from, "config.json").exists() and TASKS[stage.task].needs_data:
-                raise UserError(f"stage {stage.name} needs '{stage.needs}', but {start_from} holds no model; "
-                                f"run stage {stage.needs} first")
+            ctx = _stage_context(job, job_dir, stage, fresh, from_checkpoint)
             if not ray_ready:
-                ray_mode = start_ray(job, address)
-                ray_ready = True
+                ray_mode, ray_ready = start_ray(job, address), True
             _check_resources(stage, korch_started_ray=ray_mode == "local")
-            ctx = StageContext(stage_dir=stage_dir, start_from=start_from, fresh_run=fresh)
-            if feeds_data:
-                needed = job_dir / stage.needs
-                ctx.extra["prepared_data"] = str(needed / "data")
-                if (needed / "tokenizer" / "tokenizer.json").exists() and not stage.tokenizer.path:
-                    ctx.tokenizer_dir = str(needed / "tokenizer")
-            if from_checkpoint:
-                apply_from_checkpoint(ctx, from_checkpoint)
             events.event("start", step=0, task=stage.task, workers=stage.distributed.num_workers,
                          resume=(stage_dir / "ray").exists() and not fresh)
             began = time.time()
@@ -145,3 +130,24 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
 
             ray.shutdown()
     return summaries
+
+
+def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: bool, from_checkpoint: str | None):
+    """What the stage starts from: the `needs` stage's model, or its packed data and tokenizer if it prepared data."""
+    from korch.train.runner import StageContext, apply_from_checkpoint
+
+    ctx = StageContext(stage_dir=job_dir / stage.name, fresh_run=fresh)
+    if stage.needs:
+        needed = job_dir / stage.needs
+        if job.stage(stage.needs).task == "data_prepare":
+            ctx.extra["prepared_data"] = str(needed / "data")
+            if (needed / "tokenizer" / "tokenizer.json").exists() and not stage.tokenizer.path:
+                ctx.tokenizer_dir = str(needed / "tokenizer")
+        elif (needed / "final" / "config.json").exists():
+            ctx.start_from = str(needed / "final")
+        else:
+            raise UserError(f"stage {stage.name} needs '{stage.needs}', but {needed / 'final'} holds no model; "
+                            f"run stage {stage.needs} first")
+    if from_checkpoint:
+        apply_from_checkpoint(ctx, from_checkpoint)
+    return ctx
