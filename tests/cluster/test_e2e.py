@@ -1,0 +1,304 @@
+"""Against real Ray: a local head with token auth (korch submit, plain `ray job submit`, fail-fast check),
+and a fake 2-node cluster whose worker declares 6 GPUs (gang placement of a 6-worker GPU stage)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+
+# Ray's own websocket log tail trips an aiohttp deprecation; not korch's to fix.
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")]
+
+needs_quickstart = pytest.mark.skipif(not QUICKSTART.exists(), reason="jobs/quickstart.yaml (the lead's) is not there yet")
+
+# Keep the quickstart short: this tests submission, not training quality. On a 2-CPU head, 2 workers x 1 CPU
+# would leave no CPU for Ray Data's read tasks (they deadlock), so the workers take half a CPU each.
+SHORT = ["--set", "stages.mlm.train.max_steps=20", "--set", "stages.mlm.train.checkpoint_every_steps=10",
+         "--set", "stages.mlm.distributed.cpus_per_worker=0.5"]
+
+
+def _final_outputs(runs: Path) -> list[str]:
+    stage = runs / "quickstart" / "mlm"
+    return sorted(p.name for p in stage.iterdir()) if stage.is_dir() else []
+
+
+def _assert_outputs(runs: Path) -> None:
+    stage = runs / "quickstart" / "mlm"
+    assert (stage / "summary.json").is_file(), _final_outputs(runs)
+    final = stage / "final"
+    assert final.is_dir() and any(final.glob("*.safetensors")), _final_outputs(runs)
+
+
+@needs_quickstart
+def test_korch_submit_follow_quickstart_succeeds(ray_head, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for key, value in ray_head.env.items():
+        if key.startswith("RAY_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # korch sends the token itself; no client-side mode needed
+    runs = tmp_path / "runs"
+    code, out, err = cli("submit", "jobs/quickstart.yaml", "--address", ray_head.address, "--follow",
+                         "--runs-dir", str(runs), *SHORT)
+    assert code == 0, f"{out[-4000:]}\n{err[-3000:]}"
+    job_id = out.splitlines()[0].strip()
+    assert job_id.startswith("raysubmit_")
+    assert "SUCCEEDED" in err
+    _assert_outputs(runs)
+    assert ray_head.token not in out + err
+
+    code, out2, _ = cli("status", job_id, "--address", ray_head.address)
+    assert code == 0 and f"{job_id}: SUCCEEDED" in out2 and "korch_job: quickstart" in out2
+    code, logs, _ = cli("logs", job_id, "--address", ray_head.address)
+    assert code == 0 and "[korch]" in logs
+    assert ray_head.token not in out2 + logs
+
+
+def test_wrong_or_missing_token_is_a_clear_error(ray_head, cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token to fall back on
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    code, _, err = cli("status", "raysubmit_nope", "--address", ray_head.address)
+    assert code == 2 and "requires Ray's auth token and none was found" in err
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong-token-" + "0" * 20)
+    code, _, err = cli("status", "raysubmit_nope", "--address", ray_head.address)
+    assert code == 2 and "rejected the auth token" in err and "wrong-token" not in err
+
+
+def test_unknown_job_id(ray_head, cli, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
+    code, _, err = cli("status", "raysubmit_nope", "--address", ray_head.address)
+    assert code == 2 and "no such job" in err
+
+
+@needs_quickstart
+def test_plain_ray_job_submit_works_the_same(ray_head, tmp_path):
+    # The documented plain path: korch is installed on the cluster (here: this venv, first on the head's PATH).
+    runs = tmp_path / "runs"
+    env = dict(ray_head.env)  # RAY_AUTH_MODE=token + RAY_AUTH_TOKEN: what `ray job submit` needs
+    data = json.dumps([str((REPO / "../shared/data/kowiki_sample").resolve()),
+                       str((REPO / "../shared/data/korean_petitions").resolve())])
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_head.address,
+           "--working-dir", ".", "--", "korch", "run", "jobs/quickstart.yaml", "--address", "auto",
+           "--runs-dir", str(runs), "--set", f"stages.mlm.data.inputs={data}", *SHORT]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    _assert_outputs(runs)
+
+
+def test_plain_ray_job_submit_without_token_is_refused(ray_head, tmp_path):
+    env = {k: v for k, v in ray_head.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(tmp_path)  # no default token file either
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "list", "--address", ray_head.address]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Authentication" in result.stdout + result.stderr
+
+
+def _run_in_driver(head, code: str) -> str:
+    """Run Python as a driver connected to the head (a subprocess, so this test process stays Ray-free)."""
+    result = subprocess.run([sys.executable, "-c", code], env=head.env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_live_check_fails_fast_on_a_hand_started_head(ray_head):
+    code = f"""
+import ray, json
+ray.init(address={ray_head.gcs_address!r}, logging_level="ERROR")
+from korch.config import DistributedConfig
+from korch.cluster.live import autoscaler_node_groups, check_stage_fits
+print(json.dumps({{"groups": autoscaler_node_groups() , "gpu": check_stage_fits(DistributedConfig(num_workers=6, use_gpu=True)),
+                  "cpu": check_stage_fits(DistributedConfig(num_workers=2))}}, default=str))
+"""
+    got = json.loads(_run_in_driver(ray_head, code))
+    assert got["groups"] == []  # nothing launched these nodes, so nothing will join
+    assert "needs 6 workers x (1 CPU + 1 GPU)" in got["gpu"] and "does not autoscale" in got["gpu"]
+    assert got["cpu"] is None
+
+
+def test_submitted_korch_wins_over_the_installed_one(ray_head, tmp_path):
+    # korch is installed in this venv (the "cluster image"); the job must still run the uploaded copy, in the
+    # driver and in Ray workers alike. The uploaded korch here is a stub that says where it was loaded from.
+    import time
+
+    from korch.cluster import submit
+
+    project = tmp_path / "proj"
+    (project / "src" / "korch").mkdir(parents=True)
+    (project / "src" / "korch" / "__init__.py").write_text("UPLOADED = True\n")
+    (project / "probe.py").write_text(
+        "import ray, korch\n"
+        "ray.init(address='auto', logging_level='ERROR')\n"
+        "@ray.remote(num_cpus=0)\n"
+        "def worker_sees():\n"
+        "    import os, korch\n"
+        "    os.chdir('/')  # a later chdir must not lose the import path\n"
+        "    import importlib; importlib.reload(korch)\n"
+        "    return getattr(korch, 'UPLOADED', False)\n"
+        "print('DRIVER', getattr(korch, 'UPLOADED', False), 'WORKER', ray.get(worker_sees.remote()))\n")
+    env = {"RAY_AUTH_TOKEN": ray_head.token}
+    job_id = submit.submit(ray_head.address, entrypoint="python probe.py", runtime_env=submit.build_runtime_env(project),
+                           metadata={}, resources=submit.entrypoint_resources(None), environ=env)
+    deadline = time.time() + 120
+    while str(submit.status(ray_head.address, job_id, environ=env).status.value) not in submit.TERMINAL:
+        assert time.time() < deadline
+        time.sleep(1)
+    assert "DRIVER True WORKER True" in submit.logs(ray_head.address, job_id, environ=env)
+
+
+def test_exclusive_jobs_queue_instead_of_running_together(ray_head, tmp_path):
+    # ray#41241: Ray starts every submitted job at once. With the head's single korch_job_slot, a second
+    # --exclusive job waits in PENDING until the first ends. (A sleep stands in for `korch run`.)
+    import time
+    from types import SimpleNamespace
+
+    from korch.cluster import submit
+
+    env = {"RAY_AUTH_TOKEN": ray_head.token}
+    job = SimpleNamespace(name="q", stages=[])
+    resources = submit.entrypoint_resources(job, exclusive=True)
+    first = submit.submit(ray_head.address, entrypoint="sleep 8", runtime_env={}, metadata={}, resources=resources,
+                          environ=env)
+    second = submit.submit(ray_head.address, entrypoint="echo second", runtime_env={}, metadata={},
+                           resources=resources, environ=env)
+
+    def state(job_id):
+        return str(submit.status(ray_head.address, job_id, environ=env).status.value)
+
+    deadline = time.time() + 60
+    while state(first) != "RUNNING" and time.time() < deadline:
+        time.sleep(0.5)
+    assert state(first) == "RUNNING"
+    assert state(second) == "PENDING"
+    deadline = time.time() + 120
+    while state(second) not in submit.TERMINAL and time.time() < deadline:
+        time.sleep(1)
+    assert state(first) == "SUCCEEDED" and state(second) == "SUCCEEDED"
+
+
+def _run_wires_the_live_check() -> bool:
+    import inspect
+
+    try:
+        from korch.train import job
+    except ImportError:
+        return False
+    return "check_stage_fits" in inspect.getsource(job)
+
+
+@needs_quickstart
+@pytest.mark.skipif(not _run_wires_the_live_check(),
+                    reason="korch run does not call korch.cluster.live.check_stage_fits yet (lead's wiring)")
+def test_korch_run_fails_fast_when_the_gang_can_never_fit(ray_head, cli, monkeypatch):
+    import time
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
+    code, out, err = cli("submit", "jobs/quickstart.yaml", "--address", ray_head.address,
+                         "--set", "stages.mlm.distributed.use_gpu=true", "--set", "stages.mlm.distributed.num_workers=6")
+    assert code == 0, err
+    job_id = out.splitlines()[0].strip()
+    from korch.cluster import submit
+
+    deadline = time.time() + 240
+    state = None
+    while time.time() < deadline:
+        state = str(submit.status(ray_head.address, job_id).status.value)
+        if state in submit.TERMINAL:
+            break
+        time.sleep(2)
+    if state not in submit.TERMINAL:
+        submit.stop(ray_head.address, job_id)
+    assert state == "FAILED", f"a 6-GPU stage on a GPU-less fixed cluster should fail fast, got {state}"
+    assert "needs 6 workers" in submit.logs(ray_head.address, job_id)
+
+
+# --- fake multi-node cluster -----------------------------------------------------------------------------
+
+def test_six_worker_gpu_stage_lands_on_the_6_gpu_node(tmp_path):
+    # Ray only counts GPUs, so a node that *declares* 6 GPUs is enough to test placement; the train function
+    # finds no CUDA and falls back to CPU, as korch's loop does. Runs in a subprocess: the fake cluster's
+    # ray.init must not leak into other tests.
+    script = tmp_path / "fake_cluster.py"
+    script.write_text(FAKE_CLUSTER_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["live_check"] is None and got["live_check_7"] is not None
+    workers = got["workers"]
+    assert len(workers) == 6
+    assert {w["node"] for w in workers} == {got["gpu_node"]}
+    assert all(w["cuda"] is False and w["device"] == "cpu" for w in workers)
+    assert sorted(w["rank"] for w in workers) == list(range(6))
+
+
+FAKE_CLUSTER_SCRIPT = r'''
+import json, os, tempfile
+import ray
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+gpu_node = cluster.add_node(num_cpus=6, num_gpus=6)
+cluster.wait_for_nodes()
+try:
+    ray.init(address=cluster.address, logging_level="ERROR")
+    from korch.config import DistributedConfig
+    from korch.cluster.live import check_stage_fits
+
+    distributed = DistributedConfig(num_workers=6, use_gpu=True, cpus_per_worker=1, gpus_per_worker=1)
+    live_check = check_stage_fits(distributed)
+    live_check_7 = check_stage_fits(DistributedConfig(num_workers=7, use_gpu=True))
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    try:
+        from korch.train.scaling import build_scaling_config, build_torch_config
+        scaling, torch_config = build_scaling_config(distributed), build_torch_config(distributed)
+    except ImportError:
+        from ray.train import ScalingConfig
+        from ray.train.torch import TorchConfig
+        scaling = ScalingConfig(num_workers=6, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
+        torch_config = TorchConfig(backend="gloo")
+    if torch_config.backend == "nccl":
+        # korch picks nccl for GPU stages; these GPUs are only declared, so use the CPU fallback's backend.
+        from ray.train.torch import TorchConfig
+        torch_config = TorchConfig(backend="gloo")
+
+    def train_fn(config):
+        import torch, ray.train
+        torch.set_num_threads(1)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU fallback
+        ctx = ray.train.get_context()
+        import torch.distributed as dist
+        t = torch.ones(1)
+        dist.all_reduce(t)  # the gang really formed one process group
+        out = {"rank": ctx.get_world_rank(), "node": ray.get_runtime_context().get_node_id(),
+               "cuda": torch.cuda.is_available(), "device": device, "world": int(t.item())}
+        path = os.path.join(config["dir"], f"rank{out['rank']}.json")
+        with open(path, "w") as f:
+            json.dump(out, f)
+
+    shared = tempfile.mkdtemp()
+    trainer = TorchTrainer(train_fn, train_loop_config={"dir": shared}, scaling_config=scaling,
+                           torch_config=torch_config,
+                           run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(), name="fake6"))
+    trainer.fit()
+    workers = [json.load(open(os.path.join(shared, f))) for f in sorted(os.listdir(shared))]
+    assert all(w["world"] == 6 for w in workers), workers
+    print(json.dumps({"workers": workers, "gpu_node": gpu_node.node_id, "live_check": live_check,
+                      "live_check_7": live_check_7}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+'''
