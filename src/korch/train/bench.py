@@ -92,6 +92,7 @@ def run_bench(corpus: list[str], steps: int = 60, micro: int = 16, seq_len: int 
         prepared = resolve_prepared_data(base, base_ctx, tokenizer)
         print("[bench] torch baseline", flush=True)
         torch_rate = torch_baseline(prepared, tokenizer, steps, warmup=10, micro=micro, seq_len=seq_len)
+        print(f"[bench] torch: {torch_rate:.1f} samples/s", flush=True)
         results: dict[str, dict] = {}
         for label, workers, zero, count in [("korch1", 1, 0, steps), ("korch2", 2, 2, steps),
                                             ("zero0", 2, 0, zero_steps), ("zero1", 2, 1, zero_steps), ("zero3", 2, 3, zero_steps)]:
@@ -104,6 +105,7 @@ def run_bench(corpus: list[str], steps: int = 60, micro: int = 16, seq_len: int 
             wall = time.perf_counter() - began
             rate, steady_seconds = _steady_rate(ctx.stage_dir)
             results[label] = {"rate": rate, "startup_s": max(0.0, wall - steady_seconds), **summary}
+            print(f"[bench] {label}: {rate:.1f} samples/s, {wall:.0f} s wall", flush=True)
     finally:
         ray.shutdown()
     optimizer_bytes = {"0": results["zero0"]["optimizer_state_bytes"], "1": results["zero1"]["optimizer_state_bytes"],

@@ -71,6 +71,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import torch
     from transformers import AutoTokenizer
 
+    from korch.eval.mlm import evaluate_mlm
     from korch.models import build_mlm_model
     from korch.train import checkpoint as ckpt
     from korch.train.collate import mask_tokens, masking_generator, pad_blocks
@@ -183,7 +184,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     ray.get(log.flush.remote())  # this rank's log rows are written before the driver stops the actor
     summary: dict[str, Any] = {"step": global_step, "loss": last_loss, **_optimizer_bytes(optimizer)}
     if cfg.has_validation and cfg.eval.every != "never":
-        summary["eval"] = _evaluate(engine, cfg, tokenizer, special_ids, rank, device)
+        summary["eval"] = evaluate_mlm(engine, ray.train.get_dataset_shard("validation"), tokenizer, special_ids, rank, device,
+                                       seq_len=cfg.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                                       max_batches=cfg.eval.max_batches, mlm_probability=cfg.mlm_probability)
     _export_final(engine, cfg, tokenizer, is_rank_zero)
     if is_rank_zero:
         summary["probe_logits"] = _probe_logits(engine, tokenizer, device)
@@ -283,35 +286,3 @@ def _probe_logits(engine, tokenizer, device) -> list[float]:
     with torch.no_grad():
         logits = engine(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device)).logits
     return logits[0, :, :8].float().cpu().flatten().tolist()
-
-
-def _evaluate(engine, cfg: TrainLoopConfig, tokenizer, special_ids, rank: int, device) -> dict:
-    """Masked-token loss and accuracy on the held-out split, summed over ranks with fixed masking."""
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from korch.train.collate import mask_tokens, masking_generator, pad_blocks
-
-    engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, masked tokens
-    shard = ray.train.get_dataset_shard("validation")
-    with torch.no_grad():
-        for index, batch in enumerate(_micro_batches(shard, cfg.train.micro_batch_size, skip=0)):
-            if index >= cfg.eval.max_batches:
-                break
-            input_ids, attention_mask = pad_blocks(batch["input_ids"], cfg.seq_len, tokenizer.pad_token_id)
-            inputs, labels = mask_tokens(input_ids, attention_mask, special_ids, tokenizer.mask_token_id,
-                                         len(tokenizer), cfg.mlm_probability, masking_generator(12345, 0, index, rank))
-            logits = engine(input_ids=inputs.to(device), attention_mask=attention_mask.to(device)).logits.float().cpu()
-            chosen = labels != -100
-            totals[0] += torch.nn.functional.cross_entropy(logits[chosen], labels[chosen], reduction="sum").item()
-            totals[1] += (logits[chosen].argmax(-1) == labels[chosen]).sum().item()
-            totals[2] += chosen.sum().item()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    engine.train()
-    count = max(totals[2].item(), 1.0)
-    loss = totals[0].item() / count
-    return {"mlm_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "mlm_accuracy": totals[1].item() / count,
-            "masked_tokens": int(totals[2].item())}

@@ -148,8 +148,8 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
                           f"{reason}; checkpoints in {ctx.stage_dir / 'ray'} are kept, run the same command to resume")
     evaluation = summary.get("eval", {"note": "no held-out split large enough to evaluate"})
     (ctx.stage_dir / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
-    return {"final_step": summary.get("step"), "final_loss": summary.get("loss"), "eval": evaluation,
-            "probe_logits": summary.get("probe_logits")}
+    extra = {k: v for k, v in summary.items() if k not in ("step", "loss", "eval")}
+    return {"final_step": summary.get("step"), "final_loss": summary.get("loss"), "eval": evaluation, **extra}
 
 
 def apply_from_checkpoint(ctx: StageContext, path: str) -> None:
