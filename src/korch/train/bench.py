@@ -1,8 +1,10 @@
 """`korch bench train`: korch's training path against a plain torch loop, side by side in one run.
 
 All three runs use the same tiny BERT, the same packed rows (korch's own data pipeline on the same corpus), the
-same micro batch, masking and AdamW, and one torch thread per worker. Throughput is measured after warm-up
-(the first logged window is dropped); start-up (Ray, workers, DeepSpeed init) is reported as `startup_s`.
+same micro batch, masking and AdamW, and one torch thread per worker. Throughput is measured after warm-up:
+both sides time 5-step windows after the first `WARMUP_STEPS` and report the median window, which keeps a
+burst of load from another process on a small machine from deciding the ratio. Start-up (Ray, workers,
+DeepSpeed init, the data pipeline's first block) is reported separately as `startup_s`.
 Then 2-worker runs under ZeRO 0-3 report the optimizer state each worker holds.
 """
 
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 DEFAULT_CORPUS = ["../shared/data/kowiki_sample"]
+WARMUP_STEPS = 20
+WINDOW = 5
 
 
 def _stage(name: str, corpus: list[str], steps: int, workers: int, zero: int, micro: int, seq_len: int, tokenizer: str | None):
@@ -25,21 +30,21 @@ def _stage(name: str, corpus: list[str], steps: int, workers: int, zero: int, mi
         "model": {"arch": "bert", "size": "tiny"},
         "tokenizer": {"vocab_size": 4000, **({"path": tokenizer} if tokenizer else {})},
         "data": {"inputs": corpus, "seq_len": seq_len, "validation_fraction": 0.0, "max_docs": 400},
-        "train": {"max_steps": steps, "micro_batch_size": micro, "lr": 1e-3, "log_every_steps": 5, "seed": 7},
+        "train": {"max_steps": steps, "micro_batch_size": micro, "lr": 1e-3, "log_every_steps": WINDOW, "seed": 7},
         "eval": {"every": "never"},
         "distributed": {"num_workers": workers, "cpus_per_worker": 1, "deepspeed": {"zero_stage": zero}},
     })
 
 
 def _steady_rate(stage_dir: Path) -> tuple[float, float]:
-    """(samples/s after the first logged window, wall seconds those windows took)."""
+    """(median samples/s of the windows after warm-up, wall seconds those windows took)."""
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = rows[1:] or rows
-    seconds = steady[-1]["time"] - rows[0]["time"] if len(rows) > 1 else 0.0
-    return sum(r["samples_per_s"] for r in steady) / len(steady), seconds
+    steady = [r for r in rows if r["step"] > WARMUP_STEPS] or rows[-1:]
+    start = max((r["time"] for r in rows if r["step"] <= WARMUP_STEPS), default=steady[0]["time"])
+    return statistics.median(r["samples_per_s"] for r in steady), steady[-1]["time"] - start
 
 
-def torch_baseline(prepared: str, tokenizer_dir: str, steps: int, warmup: int, micro: int, seq_len: int, seed: int = 7) -> float:
+def torch_baseline(prepared: str, tokenizer_dir: str, steps: int, micro: int, seq_len: int, seed: int = 7) -> float:
     """The loop a user would hand-write: same model, rows, masking and AdamW, one process, no Ray or DeepSpeed."""
     import pyarrow.parquet as pq
     import torch
@@ -59,10 +64,8 @@ def torch_baseline(prepared: str, tokenizer_dir: str, steps: int, warmup: int, m
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     specials = sorted(set(tokenizer.all_special_ids))
     model.train()
-    started = None
-    for step in range(steps + warmup):
-        if step == warmup:
-            started = time.perf_counter()
+    rates, window_start = [], time.perf_counter()
+    for step in range(steps):
         block = [rows[(step * micro + i) % len(rows)] for i in range(micro)]
         ids, attention = pad_blocks(block, seq_len, tokenizer.pad_token_id)
         inputs, labels = mask_tokens(ids, attention, specials, tokenizer.mask_token_id, len(tokenizer), 0.15,
@@ -72,10 +75,15 @@ def torch_baseline(prepared: str, tokenizer_dir: str, steps: int, warmup: int, m
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return steps * micro / (time.perf_counter() - started)
+        if (step + 1) % WINDOW == 0:
+            now = time.perf_counter()
+            if step + 1 > WARMUP_STEPS:
+                rates.append(WINDOW * micro / (now - window_start))
+            window_start = now
+    return statistics.median(rates)
 
 
-def run_bench(corpus: list[str], steps: int = 60, micro: int = 16, seq_len: int = 128, zero_steps: int = 5) -> dict:
+def run_bench(corpus: list[str], steps: int = 80, micro: int = 16, seq_len: int = 128, zero_steps: int = 5) -> dict:
     from korch.train.job import init_local_ray
     from korch.train.runner import StageContext, resolve_prepared_data, resolve_tokenizer, run_training_stage
 
@@ -91,7 +99,7 @@ def run_bench(corpus: list[str], steps: int = 60, micro: int = 16, seq_len: int 
         tokenizer = resolve_tokenizer(base, base_ctx)
         prepared = resolve_prepared_data(base, base_ctx, tokenizer)
         print("[bench] torch baseline", flush=True)
-        torch_rate = torch_baseline(prepared, tokenizer, steps, warmup=10, micro=micro, seq_len=seq_len)
+        torch_rate = torch_baseline(prepared, tokenizer, steps, micro=micro, seq_len=seq_len)
         print(f"[bench] torch: {torch_rate:.1f} samples/s", flush=True)
         results: dict[str, dict] = {}
         for label, workers, zero, count in [("korch1", 1, 0, steps), ("korch2", 2, 2, steps),
@@ -121,7 +129,8 @@ def run_bench(corpus: list[str], steps: int = 60, micro: int = 16, seq_len: int 
         "zero2_over_zero0": round(optimizer_bytes["2"] / max(1, optimizer_bytes["0"]), 3),
         "master_param_bytes_per_worker": {"0": results["zero0"]["master_param_bytes"], "1": results["zero1"]["master_param_bytes"],
                                           "2": results["korch2"]["master_param_bytes"], "3": results["zero3"]["master_param_bytes"]},
-        "setup": {"model": "bert tiny", "micro_batch": micro, "seq_len": seq_len, "steps": steps, "threads_per_worker": 1},
+        "setup": {"model": "bert tiny", "micro_batch": micro, "seq_len": seq_len, "steps": steps, "warmup_steps": WARMUP_STEPS,
+                  "statistic": f"median of {WINDOW}-step windows", "threads_per_worker": 1},
     }
 
 
@@ -140,6 +149,6 @@ def _cmd(args) -> int:
 def register(bench) -> None:
     p = bench.add_parser("train", help="korch (1 and 2 workers) vs a plain torch loop, and ZeRO 0-3 optimizer bytes")
     p.add_argument("--corpus", action="append", metavar="PATH", help="corpus to train on (default: ../shared/data/kowiki_sample)")
-    p.add_argument("--steps", type=int, default=60, help="measured optimizer steps per run")
+    p.add_argument("--steps", type=int, default=80, help=f"optimizer steps per run (the first {WARMUP_STEPS} are warm-up)")
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.set_defaults(func=_cmd)

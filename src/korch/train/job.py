@@ -61,7 +61,7 @@ def start_ray(job: JobConfig, address: str | None) -> str | None:
 
 
 def init_local_ray(num_cpus: int) -> None:
-    """An embedded Ray without the dashboard.
+    """A private embedded Ray (never joins a cluster someone else started here), without the dashboard.
 
     Ray Train's PlacementGroupCleaner asks the state API whether the controller lives. Without a dashboard of
     our own it auto-detects one, and with another Ray on the machine it can ask the wrong cluster, hear "dead",
@@ -70,8 +70,10 @@ def init_local_ray(num_cpus: int) -> None:
     """
     import ray
 
+    from korch.data.pipeline import local_ray_options
+
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    ray.init(**{**local_ray_options(num_cpus), "log_to_driver": True})
 
 
 def _check_resources(stage: StageConfig, korch_started_ray: bool) -> None:

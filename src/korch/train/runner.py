@@ -91,6 +91,7 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
     from ray.train.torch import TorchTrainer
 
     from korch.data.pipeline import load_manifest, rows_per_worker, train_dataset
+    from korch.data.stream import build_train_data_config
     from korch.train.deepspeed_config import build_deepspeed_config
     from korch.train.loop import FAIL_ENV, TrainLoopConfig, plan_steps, train_loop_per_worker
     from korch.train.runlog import start_run_log
@@ -130,6 +131,7 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
         torch_config=build_torch_config(dist),
         scaling_config=build_scaling_config(dist),
         datasets=datasets,
+        dataset_config=build_train_data_config(),
         run_config=RunConfig(
             name=_ray_run_name(ctx.stage_dir, ctx.fresh_run or bool(ctx.resume_from)),
             storage_path=str((ctx.stage_dir / "ray").resolve()),

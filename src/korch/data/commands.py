@@ -1,0 +1,111 @@
+"""CLI: `korch data prepare INPUT... --output DIR` and `korch bench data`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from korch.errors import UserError
+
+DEFAULT_BENCH_CORPUS = ["../shared/data/kowiki_sample", "../shared/data/korean_petitions"]
+
+
+def build_data_config(inputs: list[str], config_file: str | None, overrides: dict):
+    """DataConfig from an optional YAML (DataConfig fields, at top level or under `data:`) plus CLI values."""
+    from pydantic import ValidationError
+
+    from korch.config import DataConfig, format_validation_error, parse_yaml
+
+    raw: dict = {}
+    source = config_file or "command line"
+    if config_file:
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                loaded = parse_yaml(f.read(), config_file)
+        except OSError as exc:
+            raise UserError(f"--config {config_file}: cannot read it ({exc.strerror}); give a YAML of data fields") from None
+        section = (loaded or {}).get("data", loaded) if isinstance(loaded or {}, dict) else loaded
+        if not isinstance(section or {}, dict):
+            raise UserError(f"{config_file}: expected a mapping of data fields (seq_len, morphemes, ...)")
+        raw = dict(section or {})
+    if inputs:
+        raw["inputs"] = list(inputs)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for key in raw:
+        if key not in DataConfig.model_fields:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(DataConfig.model_fields), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UserError(f"{source}: unknown data field '{key}'; {hint}allowed: {', '.join(DataConfig.model_fields)}")
+    try:
+        return DataConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError("\n".join(f"{source}: {p}" for p in format_validation_error(exc, raw))) from None
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .pipeline import check_counts, prepare_corpus
+    from .readers import iter_documents
+    from .tokenizer import train_wordpiece
+
+    cfg = build_data_config(args.inputs, args.config, {"seq_len": args.seq_len, "format": args.format})
+    output = os.path.abspath(args.output)
+    tokenizer_dir = args.tokenizer
+    if tokenizer_dir is None:
+        tokenizer_dir = os.path.join(output, "tokenizer")
+        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+            print(f"[korch] no --tokenizer given: training a WordPiece vocabulary ({args.vocab_size}) into {tokenizer_dir}", flush=True)
+            import itertools
+
+            docs = itertools.islice(iter_documents(list(cfg.inputs), cfg), args.tokenizer_docs)
+            train_wordpiece(docs, tokenizer_dir, args.vocab_size, 2, "whitespace")
+    elif not os.path.isdir(tokenizer_dir):
+        raise UserError(f"--tokenizer '{tokenizer_dir}' is not a folder; give a Hugging Face tokenizer folder or leave it out")
+    manifest = prepare_corpus(cfg, tokenizer_dir, output, progress=not args.quiet)
+    problems = check_counts(manifest)
+    summary = {k: manifest[k] for k in ("docs_in", "docs_out", "tokens", "rows", "skipped", "splits")}
+    print(f"[korch] prepared {output}: {json.dumps(summary, ensure_ascii=False)}")
+    if problems:  # would be a korch bug, not a user error
+        print("[korch] manifest counts do not add up: " + "; ".join(problems))
+        return 1
+    return 0
+
+
+def register(sub) -> None:
+    data = sub.add_parser("data", help="corpus tools").add_subparsers(dest="data_cmd", required=True, metavar="CMD")
+    p = data.add_parser("prepare", help="clean, sentence-split (Kiwi), tokenize and pack a corpus into parquet shards + manifest.json")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs or URIs (s3://, gs://) of txt/jsonl/parquet/wiki")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N", help="tokens per packed block (default 128)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="Hugging Face fast tokenizer folder; default: train one into OUTPUT/tokenizer")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML with data fields (morphemes, dedup, min_doc_chars, ...)")
+    p.add_argument("--format", default=None, choices=["auto", "txt", "jsonl", "parquet", "wiki"])
+    p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size when training a tokenizer")
+    p.add_argument("--tokenizer-docs", type=int, default=50_000, help="train the tokenizer on at most this many documents")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    result = run_bench(args.corpus or DEFAULT_BENCH_CORPUS, scale=args.scale, max_docs=args.docs,
+                       actors=args.actors, skip_10x=args.skip_10x, workdir=args.workdir,
+                       repeat=args.repeat)
+    print(json.dumps(result))
+    return 0
+
+
+def register_bench(bench) -> None:
+    p = bench.add_parser("data", help="docs/s and peak RSS: single process vs linecache vs korch Ray Data vs Kiwi threads")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="PATH", help=f"default: {' '.join(DEFAULT_BENCH_CORPUS)}")
+    p.add_argument("--scale", type=int, default=1, metavar="N", help="base corpus = N perturbed copies of the corpus")
+    p.add_argument("--docs", type=int, default=None, metavar="N", help="use only the first N documents of the corpus per copy")
+    p.add_argument("--actors", type=int, default=None, help="Kiwi actors (default: cores)")
+    p.add_argument("--skip-10x", action="store_true", help="skip the 10x-corpus memory run (rss_growth_10x is null)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the engines N times, interleaved, keeping each one's best docs/s (noisy shared machines)")
+    p.add_argument("--workdir", default=None, help="where generated corpora go (default: a temp folder, removed after)")
+    p.set_defaults(func=_cmd_bench)

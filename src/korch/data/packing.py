@@ -1,0 +1,86 @@
+"""Document-aware packing of token streams into `seq_len` blocks. Pure Python, tested as data.
+
+A block is `[CLS] tokens... [SEP]`, at most `seq_len` long and never padded. Documents follow each other
+in input order; a block may hold the tail of one document and the start of the next (no separator token
+between them: `doc_starts` says where each one begins, so a model or loss can mask across it). Sentences are
+never split unless one alone is longer than a block: a sentence that does not fit in the space left starts
+the next block. All offsets index into the block's `input_ids`, so the first content token is at 1.
+
+`doc_id` is the id of the first document with tokens in the block (a continued document counts), so
+`doc_id` plus `doc_starts` recover every document boundary, as NSP and long-range coreference need.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+
+class Packer:
+    def __init__(self, seq_len: int, cls_id: int, sep_id: int):
+        if seq_len < 3:
+            raise ValueError("seq_len must leave room for [CLS], one token and [SEP]")
+        self.capacity = seq_len - 2
+        self.cls_id, self.sep_id = cls_id, sep_id
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ids: list[int] = []
+        self.doc_starts: list[int] = []
+        self.sent_starts: list[int] = []
+        self.word_starts: list[int] = []
+        self.doc_id: int | None = None
+
+    def add(self, doc_id: int, ids: list[int], sent_starts: list[int], word_starts: list[int]) -> Iterator[dict]:
+        """Add one document; yield the blocks it completes."""
+        bounds = list(sent_starts) + [len(ids)]
+        words = iter(sorted(word_starts))
+        next_word = next(words, None)
+        first = True
+        for s, e in zip(bounds, bounds[1:]):
+            if e <= s:
+                continue
+            length = e - s
+            if self.ids and length > self.capacity - len(self.ids) and length <= self.capacity:
+                yield self._emit()
+            pos = s
+            while pos < e:
+                if len(self.ids) == self.capacity:
+                    yield self._emit()
+                if self.doc_id is None:
+                    self.doc_id = doc_id
+                offset = len(self.ids) + 1  # +1 for [CLS]
+                if first:
+                    self.doc_starts.append(offset)
+                    first = False
+                if pos == s:
+                    self.sent_starts.append(offset)
+                take = min(e - pos, self.capacity - len(self.ids))
+                while next_word is not None and next_word < pos:
+                    next_word = next(words, None)
+                while next_word is not None and next_word < pos + take:
+                    self.word_starts.append(offset + next_word - pos)
+                    next_word = next(words, None)
+                self.ids.extend(ids[pos:pos + take])
+                pos += take
+
+    def flush(self) -> Iterator[dict]:
+        if self.ids:
+            yield self._emit()
+
+    def _emit(self) -> dict:
+        block = {
+            "input_ids": [self.cls_id] + self.ids + [self.sep_id],
+            "doc_id": self.doc_id,
+            "doc_starts": self.doc_starts,
+            "sentence_starts": self.sent_starts,
+            "word_starts": self.word_starts,
+        }
+        self._reset()
+        return block
+
+
+def pack_documents(docs, seq_len: int, cls_id: int, sep_id: int) -> list[dict]:
+    """Convenience for tests: `docs` is [(doc_id, ids, sent_starts, word_starts)]."""
+    packer = Packer(seq_len, cls_id, sep_id)
+    blocks = [b for d in docs for b in packer.add(*d)]
+    return blocks + list(packer.flush())

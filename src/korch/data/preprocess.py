@@ -1,0 +1,208 @@
+"""Korean preprocessing of documents: clean, split sentences (Kiwi), mark word starts, tokenize (WordPiece).
+
+`DocumentProcessor` holds one `Kiwi` and one tokenizer and turns chunks into per-document token rows. The
+Ray pipeline wraps it in `KoreanPreprocessor`, a callable class, so each Ray Data actor builds its `Kiwi`
+exactly once in `__init__` (a `Kiwi` cannot be pickled, and building one takes ~1 s and ~260 MB). The
+benchmark's single-process loops use the same `DocumentProcessor`, so every variant makes the same Kiwi calls.
+
+Per document the Kiwi call is `kiwi.split_into_sents(paragraphs, return_tokens=cfg.morphemes)`: one call per
+document over its paragraphs (lines), so paragraph breaks are always sentence breaks.
+
+Word starts (for whole-word masking): with `morphemes: true`, a token starts a word when it begins at a
+Kiwi morpheme's first character (so 먹었다 -> 먹 | 었 | 다 groups); otherwise a token starts a word unless it
+is a WordPiece `##` continuation. Either way the field is filled.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from .readers import Chunk, read_chunk
+from .text import clean_document, is_validation, text_hash
+
+OUTPUT_SCHEMA = pa.schema([
+    ("ids", pa.list_(pa.int32())),
+    ("sent_starts", pa.list_(pa.int32())),
+    ("word_starts", pa.list_(pa.int32())),
+    ("hash", pa.uint64()),
+    ("is_val", pa.bool_()),
+    ("skip", pa.string()),
+    ("count", pa.int64()),
+])
+"""One row per kept document (`skip` empty, `count` 1), plus one row per skip reason per chunk (`count` n)."""
+
+
+def special_ids(tokenizer_dir: str) -> tuple[int, int]:
+    """[CLS] and [SEP] ids of a Hugging Face fast tokenizer folder; a one-line UserError if it is unusable.
+
+    Read with `tokenizers` and the folder's tokenizer_config.json rather than transformers, whose import
+    pulls in torch (seconds and ~250 MB in every process that only needs two ids).
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    from korch.errors import UserError
+
+    path = os.path.join(tokenizer_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer folder '{tokenizer_dir}' has no tokenizer.json; give a fast (Rust) Hugging Face "
+                        "tokenizer folder, or leave --tokenizer out to train one")
+    names = {"cls_token": "[CLS]", "sep_token": "[SEP]"}
+    config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        for key in names:
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                names[key] = value
+    tokenizer = Tokenizer.from_file(path)
+    ids = [tokenizer.token_to_id(names[k]) for k in ("cls_token", "sep_token")]
+    if None in ids:
+        raise UserError(f"tokenizer '{tokenizer_dir}' has no {names['cls_token']}/{names['sep_token']} token; "
+                        "korch packs BERT-style [CLS] ... [SEP] blocks")
+    return ids[0], ids[1]
+
+
+class DocumentProcessor:
+    """Clean -> Kiwi sentences (and morphemes) -> WordPiece ids, for one process. Not picklable (holds Kiwi)."""
+
+    def __init__(self, cfg, tokenizer_dir: str):
+        self.cfg = cfg
+        self.kiwi = None
+        if cfg.split_sentences or cfg.morphemes:
+            from kiwipiepy import Kiwi
+
+            self.kiwi = Kiwi(num_workers=1)  # the default starts a thread per core; actors share cores
+        # The raw `tokenizers` object, not transformers: it is what a fast tokenizer runs anyway, and it keeps
+        # torch out of the actors (hundreds of MB each).
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+        self.backend.no_truncation()  # a saved model tokenizer may truncate/pad to 512; packing does the cutting
+        self.backend.no_padding()
+        vocab = self.backend.get_vocab()
+        self.continuation = np.zeros(max(vocab.values()) + 1, dtype=bool)
+        for token, idx in vocab.items():
+            self.continuation[idx] = token.startswith("##")
+
+    def sentences(self, text: str) -> tuple[list[str], list[list[int]]]:
+        """Sentences of a cleaned document, and per sentence the char offsets where morphemes start."""
+        paragraphs = text.split("\n")
+        if self.kiwi is None:
+            return paragraphs, [[] for _ in paragraphs]
+        sents, morph = [], []
+        for para, result in zip(paragraphs, self.kiwi.split_into_sents(paragraphs, return_tokens=self.cfg.morphemes)):
+            if not self.cfg.split_sentences:
+                result_sents = [(para, 0, [t for s in result for t in (s.tokens or [])])]
+            else:
+                result_sents = [(s.text, s.start, s.tokens or []) for s in result]
+            for sent_text, start, tokens in result_sents:
+                if sent_text.strip():
+                    sents.append(sent_text)
+                    morph.append([t.start - start for t in tokens])
+        return sents, morph
+
+    def process(self, docs: Iterable[str], bad: collections.Counter) -> dict[str, list]:
+        """Columns of OUTPUT_SCHEMA (without the skip rows) for the documents that survive cleaning."""
+        cfg = self.cfg
+        kept_sents: list[list[str]] = []
+        kept_morph: list[list[list[int]]] = []
+        hashes: list[int] = []
+        for raw in docs:
+            text, reason = clean_document(raw, cfg.normalize, cfg.min_doc_chars)
+            if reason is not None:
+                bad[reason] += 1
+                continue
+            try:
+                sents, morph = self.sentences(text)
+            except Exception:  # noqa: BLE001 - one document Kiwi chokes on must not end the run
+                bad["preprocess_error"] += 1
+                continue
+            kept_sents.append(sents)
+            kept_morph.append(morph)
+            hashes.append(text_hash(text))
+        flat = [s for sents in kept_sents for s in sents]
+        encodings = self.backend.encode_batch(flat, add_special_tokens=False) if flat else []
+        out = {"ids": [], "sent_starts": [], "word_starts": [], "hash": [], "is_val": []}
+        pos = 0
+        for sents, morph, h in zip(kept_sents, kept_morph, hashes):
+            ids: list[int] = []
+            sent_starts: list[int] = []
+            word_starts: list[int] = []
+            for k in range(len(sents)):
+                enc = encodings[pos + k]
+                if not enc.ids:
+                    continue
+                sent_starts.append(len(ids))
+                if cfg.morphemes:
+                    starts = set(morph[k])
+                    word_starts.extend(len(ids) + i for i, (a, _) in enumerate(enc.offsets) if i == 0 or a in starts)
+                else:
+                    cont = self.continuation[np.asarray(enc.ids)]
+                    word_starts.extend((np.flatnonzero(~cont) + len(ids)).tolist())
+                ids.extend(enc.ids)
+            pos += len(sents)
+            if not ids:
+                bad["empty"] += 1
+                continue
+            out["ids"].append(ids)
+            out["sent_starts"].append(sent_starts)
+            out["word_starts"].append(word_starts)
+            out["hash"].append(h)
+            out["is_val"].append(is_validation(h, cfg.validation_fraction))
+        return out
+
+    def process_chunks(self, chunks: Iterable[Chunk]) -> pa.Table:
+        """Read, clean and tokenize chunks; skip counts ride along as rows so the driver can add them up."""
+        bad: collections.Counter = collections.Counter()
+        cols = {"ids": [], "sent_starts": [], "word_starts": [], "hash": [], "is_val": []}
+        for chunk in chunks:
+            try:
+                docs = list(read_chunk(chunk, self.cfg.max_line_chars, self.cfg.text_fields, bad))
+            except OSError:  # the file vanished or the store failed mid-run: lose this chunk, say so
+                bad["unreadable_chunk"] += 1
+                continue
+            part = self.process(docs, bad)
+            for key in cols:
+                cols[key].extend(part[key])
+        return build_table(cols, bad)
+
+
+def build_table(cols: dict[str, list], bad: collections.Counter) -> pa.Table:
+    n = len(cols["ids"])
+    reasons = sorted(r for r, c in bad.items() if c)
+    empty: list[list[int]] = [[] for _ in reasons]
+    return pa.table({
+        "ids": cols["ids"] + empty,
+        "sent_starts": cols["sent_starts"] + empty,
+        "word_starts": cols["word_starts"] + empty,
+        "hash": cols["hash"] + [0] * len(reasons),
+        "is_val": cols["is_val"] + [False] * len(reasons),
+        "skip": [""] * n + reasons,
+        "count": [1] * n + [bad[r] for r in reasons],
+    }, schema=OUTPUT_SCHEMA)
+
+
+class KoreanPreprocessor:
+    """Ray Data callable class: builds `DocumentProcessor` (and so `Kiwi`) once per actor."""
+
+    def __init__(self, cfg, tokenizer_dir: str):
+        # One thread per actor: the actors are the parallelism. `tokenizers` would otherwise start a Rayon
+        # pool with a thread per core in every actor and oversubscribe the machine.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ["RAYON_NUM_THREADS"] = "1"
+        self.processor = DocumentProcessor(cfg, tokenizer_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        chunks = [Chunk(str(p), str(f), int(a), int(b), int(g)) for p, f, a, b, g in
+                  zip(batch["path"], batch["fmt"], batch["start"], batch["end"], batch["row_group"])]
+        return self.processor.process_chunks(chunks)
+

@@ -1,0 +1,80 @@
+"""Parquet shard writing for packed blocks: fixed schema, bounded buffers, sha256 per finished shard."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BLOCK_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())),
+    ("doc_id", pa.int64()),
+    ("doc_starts", pa.list_(pa.int32())),
+    ("sentence_starts", pa.list_(pa.int32())),
+    ("word_starts", pa.list_(pa.int32())),
+])
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Writes blocks to `<dir>/part-NNNNN.parquet`, a row group every `group_rows`, a new shard every `shard_rows`.
+
+    Row groups are the unit `train_dataset` shuffles and reads, so they are kept small (1024 rows).
+    """
+
+    def __init__(self, directory: str, rel_prefix: str, group_rows: int = 1024, shard_rows: int = 65536):
+        self.directory, self.rel_prefix = directory, rel_prefix
+        self.group_rows, self.shard_rows = group_rows, shard_rows
+        os.makedirs(directory, exist_ok=True)
+        self.buffer: list[dict] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.current_rows = 0
+        self.current_groups: list[int] = []
+        self.shards: list[dict] = []
+        self.rows = 0
+        self.tokens = 0
+
+    def write(self, block: dict) -> None:
+        self.buffer.append(block)
+        self.rows += 1
+        self.tokens += len(block["input_ids"])
+        if len(self.buffer) >= self.group_rows:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        if not self.buffer:
+            return
+        if self.writer is None:
+            name = f"part-{len(self.shards):05d}.parquet"
+            self.writer = pq.ParquetWriter(os.path.join(self.directory, name), BLOCK_SCHEMA, compression="zstd")
+            self.current_name, self.current_rows, self.current_groups = name, 0, []
+        table = pa.Table.from_pylist(self.buffer, schema=BLOCK_SCHEMA)
+        self.writer.write_table(table, row_group_size=len(self.buffer))
+        self.current_rows += len(self.buffer)
+        self.current_groups.append(len(self.buffer))
+        self.buffer = []
+        if self.current_rows >= self.shard_rows:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer = None
+        path = os.path.join(self.directory, self.current_name)
+        self.shards.append({"path": f"{self.rel_prefix}/{self.current_name}", "rows": self.current_rows,
+                            "row_groups": self.current_groups, "sha256": sha256_file(path)})
+
+    def close(self) -> list[dict]:
+        self._flush_group()
+        self._close_shard()
+        return self.shards

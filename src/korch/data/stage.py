@@ -1,0 +1,38 @@
+"""The `data_prepare` task: a stage that turns its raw corpus into packed parquet shards plus manifest.json."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+
+def resolve_tokenizer_dir(stage, ctx, out_dir: Path) -> str:
+    """The context's tokenizer, else `tokenizer.path`, else the `needs` model's, else one trained on the corpus.
+
+    A trained one is cached in `<stage_dir>/tokenizer/` and reused when the stage runs again.
+    """
+    for candidate in (getattr(ctx, "tokenizer_dir", None), stage.tokenizer.path, getattr(ctx, "start_from", None)):
+        if candidate and os.path.isfile(os.path.join(candidate, "tokenizer.json")):
+            return str(candidate)
+    if os.path.isfile(out_dir / "tokenizer.json"):
+        return str(out_dir)
+    from .readers import iter_documents
+    from .tokenizer import train_wordpiece
+
+    settings = stage.tokenizer
+    docs = iter_documents(list(stage.data.inputs), stage.data)
+    if settings.max_docs is not None:
+        docs = itertools.islice(docs, settings.max_docs)
+    return train_wordpiece(docs, str(out_dir), settings.vocab_size, settings.min_frequency, settings.pre_tokenize)
+
+
+def run_prepare_stage(stage, ctx) -> dict:
+    """Prepare `stage.data` into `ctx.stage_dir / "data"`; returns a summary (the manifest's counts)."""
+    from .pipeline import prepare_corpus
+
+    stage_dir = Path(ctx.stage_dir)
+    tokenizer_dir = resolve_tokenizer_dir(stage, ctx, stage_dir / "tokenizer")
+    manifest = prepare_corpus(stage.data, tokenizer_dir, str(stage_dir / "data"), seed=stage.train.seed)
+    keys = ("docs_in", "docs_out", "tokens", "rows", "skipped", "splits", "seq_len", "tokenizer")
+    return {"data_dir": str(stage_dir / "data"), **{k: manifest[k] for k in keys}}

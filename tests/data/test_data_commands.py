@@ -1,0 +1,68 @@
+"""The CLI (`korch data prepare`), the `data_prepare` stage runner and the tokenizer helper."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from korch.cli import main
+from korch.data.pipeline import check_counts, load_manifest
+
+
+def test_cli_prepare_trains_a_tokenizer_and_writes_a_manifest(corpus_dir, tmp_path, capsys, ray_session):
+    config = tmp_path / "data.yaml"
+    config.write_text("data:\n  min_doc_chars: 0\n  validation_fraction: 0.2\n  preprocess_actors: 2\n  actor_cpus: 0.5\n")
+    out = tmp_path / "p"
+    code = main(["data", "prepare", str(corpus_dir), "--output", str(out), "--seq-len", "64",
+                 "--config", str(config), "--vocab-size", "500", "--quiet"])
+    assert code == 0
+    manifest = load_manifest(str(out))
+    assert check_counts(manifest) == [] and manifest["seq_len"] == 64 and manifest["docs_out"] == 9
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert all((out / s["path"]).is_file() for s in manifest["shards"])
+    assert "[korch] prepared" in capsys.readouterr().out
+
+
+def test_cli_missing_input_is_exit_2_naming_the_path(tmp_path, capsys):
+    code = main(["data", "prepare", str(tmp_path / "no_such_corpus"), "--output", str(tmp_path / "p")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no_such_corpus" in err and "does not exist" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_bad_config_field_is_exit_2(corpus_dir, tmp_path, capsys):
+    config = tmp_path / "data.yaml"
+    config.write_text("seq_lenn: 64\n")
+    assert main(["data", "prepare", str(corpus_dir), "--output", str(tmp_path / "p"), "--config", str(config)]) == 2
+    assert "did you mean 'seq_len'" in capsys.readouterr().err
+
+
+def test_stage_runner_uses_the_given_tokenizer(corpus_dir, tokenizer_dir, tmp_path, make_cfg):
+    from korch.config import StageConfig
+    from korch.data.stage import run_prepare_stage
+
+    data = make_cfg(inputs=[str(corpus_dir)], seq_len=32, max_docs=4)
+    stage = StageConfig(name="prep", task="data_prepare", data=data)
+    ctx = SimpleNamespace(stage_dir=tmp_path / "stage", tokenizer_dir=tokenizer_dir)
+    summary = run_prepare_stage(stage, ctx)
+    assert summary["docs_out"] == 4 and Path(summary["data_dir"]).joinpath("manifest.json").is_file()
+    assert summary["tokenizer"] == tokenizer_dir
+
+
+@pytest.mark.parametrize("pre_tokenize", ["whitespace", "morphemes"])
+def test_train_wordpiece_keeps_hangul_and_special_tokens(corpus_dir, tmp_path, pre_tokenize, make_cfg):
+    from transformers import AutoTokenizer
+
+    from korch.data.readers import iter_documents
+    from korch.data.tokenizer import train_wordpiece
+
+    cfg = make_cfg(inputs=[str(corpus_dir)])
+    out = train_wordpiece(iter_documents(cfg.inputs, cfg), str(tmp_path / "tok"), 300, 1, pre_tokenize)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("한국어 문장")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert all(t is not None for t in (tok.pad_token_id, tok.mask_token_id, tok.unk_token_id))
+    assert "한" in "".join(tok.convert_ids_to_tokens(ids))  # syllables stay composed (no accent stripping)
+    assert json.loads((Path(out) / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
