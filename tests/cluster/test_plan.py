@@ -244,8 +244,13 @@ def test_live_unknown_autoscaler_never_fails():
     assert check_live_cluster(gpu(64), totals(nodes), nodes, node_groups=None) is None
 
 
-def test_bootstrap_config_gives_the_node_groups(tmp_path):
+def test_bootstrap_config_gives_the_node_groups(tmp_path, monkeypatch):
+    from korch.cluster import live
     from korch.cluster.live import autoscaler_node_groups
+
+    # Only the bootstrap file is under test: a Ray left running by another test must not answer first.
+    monkeypatch.setattr(live, "_published_node_groups", lambda: None)
+    monkeypatch.setattr(live, "_hand_started", lambda: False)
 
     path = tmp_path / "ray_bootstrap_config.yaml"
     path.write_text(ONPREM.read_text())

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 from urllib.parse import urlparse
 
+from korch.config import is_uri
 from korch.errors import UserError
 
 # Ray stores working_dir packages in the GCS, and big packages fail or crawl (ray#22043); korch refuses
@@ -169,12 +170,6 @@ def job_path_in_project(job_path: str | os.PathLike, project_dir: str | os.PathL
                         "put it under jobs/") from None
 
 
-def _is_uri(path: str) -> bool:
-    from korch.config import is_uri
-
-    return is_uri(path)
-
-
 def cluster_path_overrides(raw: dict, project_dir: str | os.PathLike, cwd: str | os.PathLike,
                            excludes: Iterable[str]) -> tuple[list[str], list[str]]:
     """`--set` overrides that keep a job's local paths meaning the same thing on the cluster.
@@ -189,7 +184,7 @@ def cluster_path_overrides(raw: dict, project_dir: str | os.PathLike, cwd: str |
     overrides, notes = [], []
 
     def remap(value: str, where: str) -> str:
-        if not isinstance(value, str) or _is_uri(value) or value.startswith("~") or os.path.isabs(value):
+        if not isinstance(value, str) or is_uri(value) or value.startswith("~") or os.path.isabs(value):
             return value
         here = Path(os.path.normpath(cwd / value))
         try:

@@ -27,13 +27,13 @@ from typing import Iterable, Iterator
 
 import pyarrow.fs as pafs
 
+from korch.config import is_uri
 from korch.errors import UserError
 
 from .text import clean_document, text_hash
 
 EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
               ".parquet": "parquet", ".pq": "parquet"}
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _PEEK = 1 << 20  # how far past a planned cut we look for a document boundary before giving the cut up
 _WIKI_HEADER = re.compile(r'^<doc\b[^>]*?title="([^"]*)"')
 
@@ -54,10 +54,6 @@ class Chunk:
     """Byte offset (text formats) or first row within the row group (parquet)."""
     end: int
     row_group: int = -1
-
-
-def is_uri(path: str) -> bool:
-    return bool(_URI.match(path))
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
