@@ -110,7 +110,7 @@ def test_bad_overrides_are_errors(tmp_path, override, words):
 def test_relative_paths_resolve_against_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(DATA)
     job = load_job(_write(tmp_path, GOOD.format(data="kowiki_sample")))
-    assert job.stages[0].data.inputs == [str(DATA / "kowiki_sample")]
+    assert [Path(p).resolve() for p in job.stages[0].data.inputs] == [(DATA / "kowiki_sample").resolve()]
 
 
 @pytest.mark.parametrize("change, words", [
