@@ -60,3 +60,17 @@ def test_from_checkpoint_kinds(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(Exception, match="neither a korch checkpoint"):
         apply_from_checkpoint(StageContext(stage_dir=tmp_path / "s"), str(tmp_path / "junk"))
+
+
+def test_start_event_names_the_step_a_rerun_continues_from(tmp_path):
+    from korch.train.checkpoint import write_checkpoint
+    from korch.train.job import _resume_step
+
+    ctx = StageContext(stage_dir=tmp_path)
+    assert _resume_step(ctx) == 0
+    (tmp_path / "run.json").write_text(json.dumps({"ray_run_name": "train"}))
+    write_checkpoint(tmp_path / "ray" / "train" / "checkpoint_a", {}, {}, {"step": 20})
+    write_checkpoint(tmp_path / "ray" / "train" / "checkpoint_b", {}, {}, {"step": 30})
+    write_checkpoint(tmp_path / "ray" / "older-run" / "checkpoint_c", {}, {}, {"step": 90})
+    assert _resume_step(ctx) == 30
+    assert _resume_step(StageContext(stage_dir=tmp_path, fresh_run=True)) == 0

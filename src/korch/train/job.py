@@ -117,8 +117,8 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
             if not ray_ready:
                 ray_mode, ray_ready = start_ray(job, address), True
             _check_resources(stage, korch_started_ray=ray_mode == "local")
-            events.event("start", step=0, task=stage.task, workers=stage.distributed.num_workers,
-                         resume=(stage_dir / "ray").exists() and not fresh)
+            events.event("start", step=_resume_step(ctx), task=stage.task, workers=stage.distributed.num_workers,
+                         resume=_resume_step(ctx) > 0)
             began = time.time()
             summary = TASKS[stage.task].load_runner()(stage, ctx)
             summary = dict(summary or {}, seconds=round(time.time() - began, 1))
@@ -153,3 +153,18 @@ def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: boo
     if from_checkpoint:
         apply_from_checkpoint(ctx, from_checkpoint)
     return ctx
+
+
+def _resume_step(ctx) -> int:
+    """The step the stage will continue from: an explicit checkpoint's, else its current Ray run's newest, else 0."""
+    from korch.train.runner import RUN_STATE, latest_checkpoint
+
+    source = None
+    if ctx.resume_from:
+        source = Path(ctx.resume_from)
+    elif not ctx.fresh_run and (ctx.stage_dir / RUN_STATE).exists():
+        run_name = json.loads((ctx.stage_dir / RUN_STATE).read_text())["ray_run_name"]
+        source = latest_checkpoint(ctx.stage_dir / "ray" / run_name)
+    if source is None or not (source / "state.json").exists():
+        return 0
+    return int(json.loads((source / "state.json").read_text()).get("step", 0))
