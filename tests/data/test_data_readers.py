@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from korch.data.readers import Chunk, expand_inputs, iter_documents, plan_chunks, read_chunk, sniff_format
+from korch.data.readers import expand_inputs, iter_documents, plan_chunks, read_chunk, sniff_format
 from korch.errors import UserError
 
 
