@@ -8,11 +8,13 @@ from pathlib import Path
 
 
 def resolve_tokenizer_dir(stage, ctx, out_dir: Path) -> str:
-    """The context's tokenizer, else `tokenizer.path`, else the `needs` model's, else one trained on the corpus.
+    """The context's tokenizer, else `tokenizer.path`, else the starting or pretrained model's, else one trained on the corpus.
 
     A trained one is cached in `<stage_dir>/tokenizer/` and reused when the stage runs again.
     """
-    for candidate in (getattr(ctx, "tokenizer_dir", None), stage.tokenizer.path, getattr(ctx, "start_from", None)):
+    candidates = (getattr(ctx, "tokenizer_dir", None), stage.tokenizer.path, getattr(ctx, "start_from", None),
+                  stage.model.pretrained)
+    for candidate in candidates:
         if candidate and os.path.isfile(os.path.join(candidate, "tokenizer.json")):
             return str(candidate)
     if os.path.isfile(out_dir / "tokenizer.json"):
@@ -21,6 +23,8 @@ def resolve_tokenizer_dir(stage, ctx, out_dir: Path) -> str:
     from .tokenizer import train_wordpiece
 
     settings = stage.tokenizer
+    print(f"[korch] {stage.name}: training a WordPiece tokenizer (vocab {settings.vocab_size}, "
+          f"{settings.pre_tokenize}) on {len(stage.data.inputs)} input(s)", flush=True)
     docs = iter_documents(list(stage.data.inputs), stage.data)
     if settings.max_docs is not None:
         docs = itertools.islice(docs, settings.max_docs)

@@ -15,13 +15,13 @@ def evaluate_mlm(engine, shard, tokenizer, special_ids: Sequence[int], rank: int
     import torch
     import torch.distributed as dist
 
+    from korch.data.stream import iter_worker_batches
     from korch.train.collate import mask_tokens, masking_generator, pad_blocks
 
     engine.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, masked tokens
     with torch.no_grad():
-        batches = shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=True)
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(iter_worker_batches(shard, micro_batch_size)):
             if index >= max_batches:
                 break
             input_ids, attention_mask = pad_blocks(batch["input_ids"], seq_len, tokenizer.pad_token_id)

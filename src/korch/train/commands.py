@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 
@@ -24,7 +25,6 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
     from korch.config import DataConfig, TokenizerConfig
     from korch.errors import UserError
-    from korch.train.runner import _limit
 
     try:
         data = DataConfig(inputs=args.inputs)
@@ -35,7 +35,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from korch.data.readers import iter_documents
     from korch.data.tokenizer import train_wordpiece
 
-    train_wordpiece(_limit(iter_documents(list(data.inputs), data), settings.max_docs), args.output,
+    train_wordpiece(itertools.islice(iter_documents(list(data.inputs), data), settings.max_docs), args.output,
                     vocab_size=settings.vocab_size, min_frequency=settings.min_frequency,
                     pre_tokenize=settings.pre_tokenize)
     print(f"[korch] tokenizer saved to {args.output}")

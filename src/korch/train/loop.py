@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -71,6 +71,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import torch
     from transformers import AutoTokenizer
 
+    from korch.data.stream import iter_worker_batches
     from korch.eval.mlm import evaluate_mlm
     from korch.models import build_mlm_model
     from korch.train import checkpoint as ckpt
@@ -134,7 +135,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     while global_step < total_steps:
         epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
         micro_index = done_in_epoch * train.grad_accum
-        for batch in _micro_batches(train_shard, train.micro_batch_size, skip=micro_index):
+        # The planned steps use only full micro batches, so the loop leaves each epoch before a short tail batch.
+        for batch in iter_worker_batches(train_shard, train.micro_batch_size, skip_batches=micro_index):
             input_ids, attention_mask = pad_blocks(batch["input_ids"], cfg.seq_len, tokenizer.pad_token_id)
             inputs, labels = mask_tokens(input_ids, attention_mask, special_ids, tokenizer.mask_token_id,
                                          len(tokenizer), cfg.mlm_probability,
@@ -202,12 +204,6 @@ def _restore_schedule(scheduler, step: int) -> None:
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
-
-
-def _micro_batches(shard, batch_size: int, skip: int) -> Iterator[dict]:
-    for index, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True)):
-        if index >= skip:
-            yield batch
 
 
 def _optimizer_bytes(optimizer) -> dict[str, int]:

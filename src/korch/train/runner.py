@@ -35,31 +35,10 @@ class StageContext:
 
 
 def resolve_tokenizer(stage: StageConfig, ctx: StageContext) -> str:
-    """An explicit tokenizer, else the starting model's, else one trained on this stage's corpus (cached)."""
-    if stage.tokenizer.path:
-        return stage.tokenizer.path
-    for source in (ctx.start_from, stage.model.pretrained):
-        if source and Path(source, "tokenizer.json").exists() or source and Path(source, "vocab.txt").exists():
-            return source
-    target = ctx.stage_dir / "tokenizer"
-    if (target / "tokenizer.json").exists():
-        return str(target)
-    from korch.data.readers import iter_documents
-    from korch.data.tokenizer import train_wordpiece
+    """The same choice a data_prepare stage makes; a trained one is cached in the stage's `tokenizer/`."""
+    from korch.data.stage import resolve_tokenizer_dir
 
-    print(f"[korch] {stage.name}: training a WordPiece tokenizer (vocab {stage.tokenizer.vocab_size}, "
-          f"{stage.tokenizer.pre_tokenize}) on {len(stage.data.inputs)} input(s)", flush=True)
-    texts = _limit(iter_documents(list(stage.data.inputs), stage.data), stage.tokenizer.max_docs)
-    train_wordpiece(texts, str(target), vocab_size=stage.tokenizer.vocab_size,
-                    min_frequency=stage.tokenizer.min_frequency, pre_tokenize=stage.tokenizer.pre_tokenize)
-    return str(target)
-
-
-def _limit(items, count):
-    for index, item in enumerate(items):
-        if count is not None and index >= count:
-            return
-        yield item
+    return resolve_tokenizer_dir(stage, ctx, ctx.stage_dir / "tokenizer")
 
 
 def resolve_prepared_data(stage: StageConfig, ctx: StageContext, tokenizer_dir: str) -> str:
