@@ -99,8 +99,8 @@ class TokenizerConfig(_Strict):
 class DataConfig(_Strict):
     inputs: list[str] = []
     """Corpus files, folders, globs or pyarrow URIs (s3://, gs://): txt, jsonl, parquet, WikiExtractor `<doc>` files, or a folder written by `korch data prepare` (has manifest.json)."""
-    format: Literal["auto", "txt", "jsonl", "parquet", "wiki"] = "auto"
-    """Input format; `auto` decides per file from its extension and first bytes."""
+    format: Literal["auto", "txt", "jsonl", "parquet", "wiki", "tsv", "csv"] = "auto"
+    """Input format; `auto` decides per file from its extension and first bytes. Labelled tasks read `tsv`, `csv`, `jsonl` or `parquet`."""
     text_fields: list[str] = ["text", "content", "document", "sentence"]
     """For jsonl/parquet: the first of these fields present in a record is its text."""
     seq_len: int = Field(default=128, ge=8, le=65536)
@@ -127,6 +127,39 @@ class DataConfig(_Strict):
     """Logical CPUs per preprocessing actor; fractions keep small machines from deadlocking."""
     mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
     """Share of tokens masked for masked-LM tasks."""
+    validation_inputs: list[str] = []
+    """Labelled tasks: validation files. Unset: a seeded, stratified `validation_fraction` split of `inputs`."""
+    text_column: str | None = None
+    """Labelled tasks: the column holding the text. Unset: the first of `text_fields` present."""
+    text_pair_column: str | None = None
+    """Labelled tasks: a second text column, for sentence-pair inputs."""
+    label_column: str = "label"
+    """Labelled tasks: the column holding the label."""
+    columns: list[str] | None = None
+    """Labelled TSV/CSV without a header row: the column names, in order (e.g. `[text, rating]`). Unset: the first row is the header."""
+    labels: list[str] | None = None
+    """Labelled tasks: label names in id order. Unset: inferred from the training file (sorted; numbers numerically). With `label_bins`: one name per bin."""
+    label_bins: list[float] | None = None
+    """Labelled tasks: put a numeric label into classes by ascending upper bounds: `<= bins[0]` is class 0, ..., above the last is class `len(bins)`. `[4, 6, 8]` makes 1-10 ratings 4 classes."""
+
+    @field_validator("validation_inputs")
+    @classmethod
+    def _validation_inputs_exist(cls, value: list[str]) -> list[str]:
+        return [_resolve_existing(item, "data validation input") for item in value]
+
+    @field_validator("label_bins")
+    @classmethod
+    def _bins_ascend(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(b >= a for a, b in zip(value[1:], value))):
+            raise ValueError("label_bins must be a non-empty list of strictly ascending upper bounds, e.g. [4, 6, 8]")
+        return value
+
+    @model_validator(mode="after")
+    def _bin_names(self) -> "DataConfig":
+        if self.label_bins is not None and self.labels is not None and len(self.labels) != len(self.label_bins) + 1:
+            raise ValueError(f"labels names {len(self.labels)} classes but label_bins make {len(self.label_bins) + 1}; "
+                             "give one name per bin (len(label_bins) + 1)")
+        return self
 
     @field_validator("inputs")
     @classmethod
