@@ -30,6 +30,11 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
     for task in TASKS.values():
         print(f"{task.name:14s} {task.description}")
+        if task.options is not None:
+            print(f"{'':14s} options (stage section `{task.name}:`):")
+            for name, field in task.options.model_fields.items():
+                default = "required" if field.is_required() else repr(field.default)
+                print(f"{'':16s}{name} = {default}: {(field.description or '').splitlines()[0] if field.description else ''}")
     return 0
 
 
@@ -50,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_commands.register(sub)
     bench = sub.add_parser("bench", help="benchmarks that print one JSON line").add_subparsers(dest="bench", required=True, metavar="BENCH")
     train_commands.register_bench(bench)
-    for module in ("korch.data.commands", "korch.cluster.commands"):
+    for module in ("korch.data.commands", "korch.cluster.commands", "korch.predict"):
         _register_optional(module, sub, bench)
     return parser
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from korch.errors import UserError
+from korch.spec import Section as _Strict
 from korch.tasks import TASKS
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -30,10 +31,6 @@ class SpecError(UserError):
         self.path = path
         self.problems = problems
         super().__init__("\n".join(f"{path}: {p}" for p in problems))
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
 
 def is_uri(path: str) -> bool:
@@ -125,8 +122,6 @@ class DataConfig(_Strict):
     """Ray Data actors running Kiwi; each holds one ~260 MB `Kiwi`."""
     actor_cpus: float = Field(default=0.5, gt=0)
     """Logical CPUs per preprocessing actor; fractions keep small machines from deadlocking."""
-    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
-    """Share of tokens masked for masked-LM tasks."""
     validation_inputs: list[str] = []
     """Labelled tasks: validation files. Unset: a seeded, stratified `validation_fraction` split of `inputs`."""
     text_column: str | None = None
@@ -204,9 +199,23 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     every: Literal["end", "epoch", "never"] = "end"
-    """When to evaluate on the held-out split; `eval.json` holds the last result."""
-    max_batches: int = Field(default=20, ge=1)
-    """Evaluate on at most this many micro batches per worker."""
+    """When to evaluate on the held-out split: at the end, after every epoch (each result also goes to metrics.jsonl), or never. `eval.json` holds the last result."""
+    max_batches: int | None = Field(default=None, ge=1)
+    """Evaluate on at most this many micro batches per worker. Unset: the whole held-out split."""
+    select_best: str | None = None
+    """A metric of the task's evaluation (e.g. `macro_f1`, `accuracy`, `mlm_loss`): the best epoch's model is exported to `best/` beside `final/`. Needs `every: epoch`."""
+    greater_is_better: bool | None = None
+    """Direction of `select_best`. Unset: the task's own (losses and perplexity lower, others higher)."""
+    patience: int | None = Field(default=None, ge=1)
+    """Stop early after this many evaluations without a better `select_best`. Needs `select_best`."""
+
+    @model_validator(mode="after")
+    def _selection_needs_epochs(self) -> "EvalConfig":
+        if self.select_best is not None and self.every != "epoch":
+            raise ValueError("select_best compares epochs: set eval.every: epoch")
+        if self.patience is not None and self.select_best is None:
+            raise ValueError("patience counts evaluations without a better select_best metric: set eval.select_best")
+        return self
 
 
 class DeepSpeedConfig(_Strict):
@@ -252,7 +261,7 @@ class DistributedConfig(_Strict):
         return self
 
 
-class StageConfig(_Strict):
+class _StageBase(_Strict):
     name: str = Field(pattern=_NAME)
     """Stage name; outputs go to RUNS/<job>/<name>/ and `--set stages.<name>.x=y` addresses it."""
     task: str
@@ -280,12 +289,36 @@ class StageConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _cross_fields(self) -> "StageConfig":
+    def _cross_fields(self) -> "_StageBase":
         mpe = self.model.max_position_embeddings
         if mpe is not None and mpe < self.data.seq_len:
             raise ValueError(f"model.max_position_embeddings {mpe} is smaller than data.seq_len "
                              f"{self.data.seq_len}; raise it or lower seq_len")
+        for name in TASK_SECTIONS:
+            if name != self.task and getattr(self, name, None) is not None:
+                raise ValueError(f"section '{name}' holds options of task {name}, but this stage runs task "
+                                 f"{self.task}; remove the section or set task: {name}")
         return self
+
+    @property
+    def options(self) -> BaseModel | None:
+        """The stage's task options: its section under the task's name, else the task's defaults."""
+        info = TASKS[self.task]
+        if info.options is None:
+            return None
+        return getattr(self, self.task, None) or info.options()
+
+
+TASK_SECTIONS: dict[str, type[BaseModel]] = {name: info.options for name, info in TASKS.items() if info.options}
+
+# One optional section per task with options (e.g. `classify: {pooling: max}`), named after the task.
+StageConfig = create_model(
+    "StageConfig", __base__=_StageBase, __module__=__name__,
+    **{name: (options | None, Field(default=None, description=f"Options of the `{name}` task (see `korch tasks`); "
+                                    f"only a stage with `task: {name}` may carry it."))
+       for name, options in TASK_SECTIONS.items()},
+)
+StageConfig.__doc__ = "One stage of a job: its task, model, tokenizer, data, training, evaluation and scale."
 
 
 class JobConfig(_Strict):
@@ -438,7 +471,7 @@ def _readable_loc(loc: tuple, raw: Any) -> str:
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig,
-    "eval": EvalConfig, "distributed": DistributedConfig, "deepspeed": DeepSpeedConfig,
+    "eval": EvalConfig, "distributed": DistributedConfig, "deepspeed": DeepSpeedConfig, **TASK_SECTIONS,
 }
 
 

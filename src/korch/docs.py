@@ -21,7 +21,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
 
 def _type_name(annotation) -> str:
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    text = re.sub(r"typing\.|korch\.config\.|<class '|'>", "", text)
+    text = re.sub(r"typing\.|korch\.(?:\w+\.)+|<class '|'>", "", text)
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
     return f"`{text}`".replace("|", "\\|")
@@ -38,7 +38,8 @@ def _default(field) -> str:
 
 def render_reference() -> str:
     lines = []
-    for title, model in SECTIONS:
+    task_sections = [(f"{name} (options of task {name})", options) for name, options in config.TASK_SECTIONS.items()]
+    for title, model in SECTIONS + task_sections:
         lines += [f"#### `{title}`", "", "| field | type | default | meaning |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             doc = (field.description or "").replace("\n", " ").replace("|", "\\|")

@@ -1,18 +1,16 @@
-"""Streaming prepared rows into workers: 2 workers get disjoint rows whose union is every row, no tail row is
-lost to `equal=True`, the same seed gives the same per-worker order, and resume skips consumed batches."""
+"""Each worker's share of an epoch: 2 workers get disjoint rows whose union is every row, none is lost at the
+tail, the same (seed, epoch) gives the same per-worker order, a new epoch a new order, and resume skips
+consumed rows exactly. All pure reads, no Ray."""
 
 import json
-import sys
-import threading
 
 import pytest
-import ray
 
-from korch.data.pipeline import epoch_units, rows_per_worker, train_dataset
+from korch.data.pipeline import epoch_units, rows_per_worker
 from korch.data.shards import ShardWriter
-from korch.data.stream import iter_worker_batches
+from korch.data.stream import iter_rank_batches, rank_slices
 
-ROWS = 101  # odd on purpose: equal=True would drop the tail row without padding
+ROWS = 101  # odd on purpose: without padding 2 workers could not take equal shares
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +27,11 @@ def prepared(tmp_path_factory):
     return str(root), manifest
 
 
-def _read_split(ds, world_size):
-    """Consume streaming_split(world_size, equal=True) like Ray Train does: one thread per worker."""
-    parts = ds.streaming_split(world_size, equal=True)
-    out = [None] * world_size
-
-    def consume(rank):
-        out[rank] = [b for b in iter_worker_batches(parts[rank], batch_size=4)]
-
-    threads = [threading.Thread(target=consume, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return [[rid for batch in batches for rid in batch["row_id"]] for batches in out]
+def _read(root, manifest, seed, epoch, world_size, batch_size=4, skip_rows=0, rank=None):
+    plan = epoch_units(manifest, root, "train", seed, epoch, world_size)
+    ranks = range(world_size) if rank is None else [rank]
+    return [[rid for batch in iter_rank_batches(plan, r, world_size, batch_size, skip_rows=skip_rows)
+             for rid in batch["row_id"]] for r in ranks]
 
 
 def test_epoch_plan_is_padded_and_seeded(prepared):
@@ -55,73 +44,53 @@ def test_epoch_plan_is_padded_and_seeded(prepared):
     assert rows_per_worker(manifest, "train", 2) == 51
 
 
-def test_two_workers_disjoint_union_is_every_row(prepared, ray_session):
-    root, _ = prepared
-    first = _read_split(train_dataset(root, "train", seed=7, epoch=0, world_size=2), 2)
+def test_two_workers_disjoint_union_is_every_row(prepared):
+    root, manifest = prepared
+    first = _read(root, manifest, seed=7, epoch=0, world_size=2)
     assert [len(p) for p in first] == [51, 51]  # nothing truncated at the tail
     assert set(first[0]) | set(first[1]) == set(range(ROWS))
     # Exactly one row is read twice: the padding that makes 102 = 2 x 51. Every other row is read once.
     assert len(first[0]) + len(first[1]) - len(set(first[0]) | set(first[1])) == 1
-
-    again = _read_split(train_dataset(root, "train", seed=7, epoch=0, world_size=2), 2)
-    assert again == first  # same seed and epoch: same rows in the same order on each worker
-    other = _read_split(train_dataset(root, "train", seed=8, epoch=0, world_size=2), 2)
-    assert other != first
+    assert _read(root, manifest, seed=7, epoch=0, world_size=2) == first  # same seed and epoch: same order
+    assert _read(root, manifest, seed=8, epoch=0, world_size=2) != first
 
 
-def test_resume_skips_consumed_batches(prepared, ray_session):
-    root, _ = prepared
-    ds = train_dataset(root, "train", seed=3, epoch=2, world_size=1)
-    full = [b["row_id"] for b in iter_worker_batches(ds.streaming_split(1, equal=True)[0], batch_size=10)]
-    ds = train_dataset(root, "train", seed=3, epoch=2, world_size=1)
-    resumed = [b["row_id"] for b in iter_worker_batches(ds.streaming_split(1, equal=True)[0], batch_size=10, skip_batches=4)]
-    assert resumed == full[4:]
-    assert sorted(r for b in full for r in b) == list(range(ROWS))
+def test_every_epoch_has_its_own_order(prepared):
+    root, manifest = prepared
+    epochs = [_read(root, manifest, seed=7, epoch=e, world_size=2) for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+    for parts in epochs:
+        assert set(parts[0]) | set(parts[1]) == set(range(ROWS))
 
 
-def test_batches_hold_ragged_python_lists(prepared, ray_session):
-    root, _ = prepared
-    batch = next(iter_worker_batches(train_dataset(root, "train", 0, 0, 1).streaming_split(1, equal=True)[0], 5))
-    assert set(batch) >= {"input_ids", "doc_id", "doc_starts", "sentence_starts", "word_starts", "row_id"}
+def test_resume_skips_consumed_rows(prepared):
+    root, manifest = prepared
+    for world_size in (1, 2, 3):
+        for rank in range(world_size):
+            full = _read(root, manifest, 3, 2, world_size, batch_size=10, rank=rank)[0]
+            for skip in (0, 7, 10, 30):
+                assert _read(root, manifest, 3, 2, world_size, batch_size=10, skip_rows=skip, rank=rank)[0] == full[skip:]
+
+
+def test_rank_slices_cover_the_plan_once(prepared):
+    root, manifest = prepared
+    plan = epoch_units(manifest, root, "train", 1, 0, 3)
+    pieces = [piece for rank in range(3) for piece in rank_slices(plan, rank, 3)]
+    assert sum(stop - start for _, start, stop in pieces) == sum(u["take"] for u in plan) == 102
+
+
+def test_batches_hold_ragged_python_lists_and_flag_padding(prepared):
+    root, manifest = prepared
+    plan = epoch_units(manifest, root, "train", 0, 0, 2)
+    batch = next(iter_rank_batches(plan, 0, 2, 5))
+    assert set(batch) >= {"input_ids", "doc_id", "doc_starts", "sentence_starts", "word_starts", "row_id", "is_padding"}
     assert len(batch["input_ids"]) == 5 and all(isinstance(x, list) for x in batch["input_ids"])
+    flags = [f for rank in range(2) for b in iter_rank_batches(plan, rank, 2, 8) for f in b["is_padding"]]
+    assert sum(flags) == 1  # the one repeated row
 
 
-def _train_loop(config):
-    import json as _json
-
-    import ray.train
-
-    ctx = ray.train.get_context()
-    shard = ray.train.get_dataset_shard("train")
-    rows = [r for b in iter_worker_batches(shard, batch_size=8) for r in b["row_id"]]
-    with open(f"{config['out']}/rank{ctx.get_world_rank()}.json", "w") as f:
-        _json.dump(rows, f)
-
-
-def _fit(root, out, seed):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from korch.data.stream import build_train_data_config
-
-    # Workers cannot import this test module, so ship the loop by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    out.mkdir()
-    trainer = TorchTrainer(
-        _train_loop, train_loop_config={"out": str(out)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": train_dataset(root, "train", seed=seed, epoch=0, world_size=2)},
-        dataset_config=build_train_data_config(),
-        run_config=RunConfig(storage_path=str(out / "ray"), name="ingest"),
-    )
-    trainer.fit()
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-
-
-@pytest.mark.slow
-def test_real_two_worker_torch_trainer_reads_every_row_deterministically(prepared, ray_session, tmp_path):
-    root, _ = prepared
-    first = _fit(root, tmp_path / "a", seed=5)
-    assert [len(p) for p in first] == [51, 51]
-    assert set(first[0]) | set(first[1]) == set(range(ROWS))
-    assert _fit(root, tmp_path / "b", seed=5) == first
+def test_columns_limit_what_is_read(prepared):
+    root, manifest = prepared
+    plan = epoch_units(manifest, root, "train", 0, 0, 1)
+    batch = next(iter_rank_batches(plan, 0, 1, 4, columns=("input_ids",)))
+    assert set(batch) == {"input_ids", "row_id", "is_padding"}

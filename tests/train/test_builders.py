@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from korch.config import DeepSpeedConfig, DistributedConfig, TrainConfig
-from korch.train.collate import mask_tokens, masking_generator, pad_blocks
+from korch.tasks.mlm import mask_tokens, masking_generator, pad_blocks
 from korch.train.deepspeed_config import build_deepspeed_config, resolve_precision
 from korch.train.loop import lr_factor, plan_steps
 from korch.train.scaling import build_scaling_config, build_torch_config, resolve_backend, worker_resources

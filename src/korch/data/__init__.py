@@ -8,8 +8,9 @@ Modules, in data-flow order:
   Data callable class (one `Kiwi` per actor).
 - `packing`: document-aware packing into `seq_len` blocks (pure).
 - `shards`: parquet shard writer.
-- `pipeline`: `prepare_corpus` (Ray Data driver loop, manifest, idempotency) and `train_dataset` for training.
-- `stream`: `iter_worker_batches` (resume by skipping batches) and `build_train_data_config`.
+- `pipeline`: `prepare_corpus` (Ray Data driver loop, manifest, idempotency) and `epoch_units`, the epoch's read plan.
+- `labelled`: labelled records (TSV/CSV/JSONL/parquet) -> tokenised shards for labelled tasks.
+- `stream`: each training worker's share of an epoch (`iter_rank_batches`; resume by skipping rows).
 - `tokenizer`: `train_wordpiece`.
 - `stage`, `commands`, `bench`: the `data_prepare` task, `korch data prepare`, `korch bench data`.
 

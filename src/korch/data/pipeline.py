@@ -335,7 +335,7 @@ def check_counts(manifest: dict) -> list[str]:
 # --- reading prepared data for training ---------------------------------------------------------------------
 
 def rows_per_worker(manifest: dict, split: str, world_size: int) -> int:
-    """Rows each of `world_size` workers gets from `train_dataset` (the total is padded up to a multiple)."""
+    """Rows each of `world_size` workers reads per epoch (`korch.data.stream`; the total is padded up to a multiple)."""
     return math.ceil(manifest["splits"][split]["rows"] / world_size)
 
 
@@ -344,9 +344,9 @@ def epoch_units(manifest: dict, prepared_dir: str, split: str, seed: int, epoch:
 
     Each unit is one parquet row group whose rows are shuffled again inside the read (by a generator seeded
     with seed, epoch and the unit's own index): a two-level shuffle that needs one row group in memory, not
-    the dataset. Padding: `streaming_split(n, equal=True)` (what Ray Train uses) truncates up to n-1 tail rows
-    (ray#63285), so the epoch is extended with the first `pad` rows of the epoch order, making the total a
-    multiple of n; those few rows are seen twice per epoch, none is dropped.
+    the dataset. Padding: every rank must take the same number of rows (ZeRO steps are collective), so the epoch
+    is extended with the first `pad` rows of the epoch order, making the total a
+    multiple of n; those few rows are seen twice per epoch (flagged `padding`), none is dropped.
     """
     import numpy as np
 
@@ -365,6 +365,7 @@ def epoch_units(manifest: dict, prepared_dir: str, split: str, seed: int, epoch:
     while pad > 0 and plan:
         unit = dict(plan[k % len(plan)])
         unit["take"] = min(pad, unit["rows"])
+        unit["padding"] = True
         plan.append(unit)
         pad -= unit["take"]
         k += 1
@@ -375,45 +376,3 @@ def epoch_units(manifest: dict, prepared_dir: str, split: str, seed: int, epoch:
 
 def _join(prepared_dir: str, rel: str) -> str:
     return prepared_dir.rstrip("/") + "/" + rel
-
-
-def read_units(batch: dict) -> pa.Table:
-    """Ray Data task: read the planned row groups and shuffle their rows. Adds `row_id` (stable per row)."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    tables = []
-    for i in range(len(batch["path"])):
-        fs, fs_path = filesystem(str(batch["path"][i]))
-        with fs.open_input_file(fs_path) as f:
-            table = pq.ParquetFile(f).read_row_group(int(batch["row_group"][i]))
-        rows = table.num_rows
-        table = table.append_column("row_id", pa.array(np.arange(rows, dtype=np.int64) + int(batch["base"][i])))
-        rng = np.random.default_rng([int(batch["seed"][i]), int(batch["epoch"][i]), int(batch["unit"][i])])
-        tables.append(table.take(rng.permutation(rows)[: int(batch["take"][i])]))
-    return pa.concat_tables(tables)
-
-
-def train_dataset(prepared_dir: str, split: str, seed: int, epoch: int, world_size: int):
-    """A lazily read Ray Dataset of packed rows in a deterministic (seed, epoch) order, padded to a multiple of
-    `world_size` rows so `streaming_split(world_size, equal=True)` drops nothing.
-
-    Blocks are one row group each, so the splitter (which deals blocks to the worker with the fewest rows so
-    far) makes the same per-worker assignment on every run: per-worker order is deterministic too, and
-    skipping already-consumed batches on resume lands on the same rows. Columns: the parquet schema plus
-    `row_id` (the row's index in the split; padding repeats a few ids).
-    """
-    import ray
-
-    prepared_dir = str(prepared_dir)
-    manifest = load_manifest(prepared_dir)
-    if split not in manifest["splits"]:
-        raise UserError(f"{prepared_dir} has no split '{split}'; splits: {', '.join(manifest['splits'])}")
-    if manifest["splits"][split]["rows"] == 0:
-        raise UserError(f"{prepared_dir}: split '{split}' is empty; add data or change validation_fraction")
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    plan = epoch_units(manifest, os.path.abspath(prepared_dir) if "://" not in prepared_dir else prepared_dir,
-                       split, seed, epoch, world_size)
-    ds = ray.data.from_items(plan, override_num_blocks=len(plan))
-    # Reads are light; a quarter CPU each leaves the cores to the training workers.
-    return ds.map_batches(read_units, batch_size=1, batch_format="numpy", num_cpus=0.25)

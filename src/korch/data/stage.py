@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 
-def resolve_tokenizer_dir(stage, ctx, out_dir: Path) -> str:
+def resolve_tokenizer_dir(stage, ctx, out_dir: Path, texts=None) -> str:
     """The context's tokenizer, else `tokenizer.path`, else the starting or pretrained model's, else one trained on the corpus.
 
-    A trained one is cached in `<stage_dir>/tokenizer/` and reused when the stage runs again.
+    A trained one is cached in `<stage_dir>/tokenizer/` and reused when the stage runs again. `texts`, a
+    callable returning an iterable of strings, replaces the corpus reader (labelled tasks train on their texts).
     """
     candidates = (getattr(ctx, "tokenizer_dir", None), stage.tokenizer.path, getattr(ctx, "start_from", None),
                   stage.model.pretrained)
@@ -25,7 +26,7 @@ def resolve_tokenizer_dir(stage, ctx, out_dir: Path) -> str:
     settings = stage.tokenizer
     print(f"[korch] {stage.name}: training a WordPiece tokenizer (vocab {settings.vocab_size}, "
           f"{settings.pre_tokenize}) on {len(stage.data.inputs)} input(s)", flush=True)
-    docs = iter_documents(list(stage.data.inputs), stage.data)
+    docs = texts() if texts is not None else iter_documents(list(stage.data.inputs), stage.data)
     if settings.max_docs is not None:
         docs = itertools.islice(docs, settings.max_docs)
     return train_wordpiece(docs, str(out_dir), settings.vocab_size, settings.min_frequency, settings.pre_tokenize)

@@ -1,37 +1,127 @@
-"""Per-worker iteration over a Ray Train dataset shard, with resume by skipping consumed batches."""
+"""Each training worker reads its own share of a prepared split: a new order every epoch, exact resume.
+
+The epoch's order is `pipeline.epoch_units(seed, epoch)`: row groups in a (seed, epoch)-shuffled order, rows
+shuffled inside each, the total padded with the epoch's first rows to a multiple of the world size. Rank r
+takes the r-th contiguous slice of that stream, so the ranks' rows are disjoint, their union is every row,
+all ranks get the same count, and each rank reads only about 1/world_size of the row groups. Everything is a
+pure function of (seed, epoch, rank, world size), so a resumed worker that skips the rows it already trained
+on lands exactly where the interrupted one stopped, on any node.
+
+Workers read parquet row groups directly (pyarrow, local paths or URIs), one group at a time, with a small
+read-ahead thread; the corpus is never held in memory.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import pyarrow as pa
 
 
-def iter_worker_batches(shard, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, list]]:
-    """Yield `{column: python list}` batches from `ray.train.get_dataset_shard(...)` (or a `streaming_split` part).
+def rank_slices(plan: list[dict], rank: int, world_size: int) -> list[tuple[dict, int, int]]:
+    """(unit, start, stop) pieces of the epoch stream that belong to `rank` (positions inside each unit's rows)."""
+    total = sum(unit["take"] for unit in plan)
+    if total % world_size:
+        raise ValueError(f"the epoch plan holds {total} rows, not a multiple of {world_size} workers")
+    share = total // world_size
+    low, high = rank * share, (rank + 1) * share
+    pieces, position = [], 0
+    for unit in plan:
+        begin, end = position, position + unit["take"]
+        position = end
+        if end <= low or begin >= high:
+            continue
+        pieces.append((unit, max(low, begin) - begin, min(high, end) - begin))
+    return pieces
 
-    Columns are ragged (`input_ids`, `doc_starts`, ...), so batches are lists of lists; the caller pads and masks.
-    On resume pass `skip_batches` = batches this worker already consumed this epoch: with `train_dataset`'s
-    deterministic per-worker order those are exactly the rows trained on before, so the epoch continues
-    where it stopped instead of starting over (ray#37633). Skipped batches are read but not converted, which
-    costs parquet I/O only. The last batch may be short; every worker gets the same number of rows.
+
+def read_piece(unit: dict, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
+    """Rows [start, stop) of one unit's shuffled row group, plus `row_id` and `is_padding` columns."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from korch.data.readers import filesystem
+
+    fs, fs_path = filesystem(str(unit["path"]))
+    with fs.open_input_file(fs_path) as handle:
+        wanted = None if columns is None else [c for c in columns if c != "row_id"]
+        table = pq.ParquetFile(handle).read_row_group(int(unit["row_group"]), columns=wanted)
+    rng = np.random.default_rng([int(unit["seed"]), int(unit["epoch"]), int(unit["unit"])])
+    order = rng.permutation(table.num_rows)[: int(unit["take"])][start:stop]
+    table = table.take(pa.array(order))
+    row_ids = order.astype(np.int64) + int(unit["base"])
+    # Padding units sit after the real rows in the plan; their rows are repeats, flagged so evaluation skips them.
+    padding = np.full(len(order), bool(unit.get("padding", False)))
+    return table.append_column("row_id", pa.array(row_ids)).append_column("is_padding", pa.array(padding))
+
+
+def iter_rank_batches(plan: list[dict], rank: int, world_size: int, batch_size: int, skip_rows: int = 0,
+                      columns: Sequence[str] | None = None) -> Iterator[dict[str, list]]:
+    """Yield `{column: python list}` batches of this rank's share of the epoch, after skipping `skip_rows`.
+
+    The last batch may be short. `columns` limits what is read and converted (plus `row_id`, `is_padding`).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    for index, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=1)):
-        if index < skip_batches:
+    pieces = []
+    for unit, start, stop in rank_slices(plan, rank, world_size):
+        if skip_rows >= stop - start:
+            skip_rows -= stop - start
             continue
-        yield {name: batch.column(name).to_pylist() for name in batch.column_names}
+        pieces.append((unit, start + skip_rows, stop))
+        skip_rows = 0
+    pending: list[pa.Table] = []
+    held = 0
+    for table in _read_ahead(pieces, columns):
+        pending.append(table)
+        held += table.num_rows
+        while held >= batch_size:
+            merged = pa.concat_tables(pending)
+            yield _to_lists(merged.slice(0, batch_size))
+            rest = merged.slice(batch_size)
+            pending, held = [rest], rest.num_rows
+    if held:
+        yield _to_lists(pa.concat_tables(pending))
 
 
-def build_train_data_config():
-    """`ray.train.DataConfig` that keeps each worker's rows and order the same on every run.
+def _to_lists(table: pa.Table) -> dict[str, list]:
+    return {name: table.column(name).to_pylist() for name in table.column_names}
 
-    Ray Train re-applies its own execution options to every dataset (`DataConfig.default_ingest_options`,
-    read from the DataContext of the process that configures the run), which can switch `preserve_order`
-    off; then blocks reach the splitter in completion order and which worker gets which rows varies. Shard
-    locality is also off, because the splitter's locality preference depends on where read tasks happened to
-    run. Pass it as `TorchTrainer(..., dataset_config=build_train_data_config())`.
-    """
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
 
-    return DataConfig(execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False)
+def _read_ahead(pieces: list, columns, depth: int = 2) -> Iterator[pa.Table]:
+    """Read the next row groups on a thread while the caller trains on the current one."""
+    if not pieces:
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for unit, start, end in pieces:
+                if stop.is_set():
+                    return
+                slots.put(("table", read_piece(unit, start, end, columns)))
+        except BaseException as exc:  # handed to the consumer, which re-raises it in the training thread
+            slots.put(("error", exc))
+            return
+        slots.put(("done", None))
+
+    thread = threading.Thread(target=produce, daemon=True, name="korch-read-ahead")
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

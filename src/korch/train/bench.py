@@ -52,7 +52,7 @@ def torch_baseline(prepared: str, tokenizer_dir: str, steps: int, micro: int, se
 
     from korch.config import ModelConfig
     from korch.models import build_mlm_model
-    from korch.train.collate import mask_tokens, masking_generator, pad_blocks
+    from korch.tasks.mlm import mask_tokens, masking_generator, pad_blocks
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -85,7 +85,8 @@ def torch_baseline(prepared: str, tokenizer_dir: str, steps: int, micro: int, se
 
 def run_bench(corpus: list[str], steps: int = 80, micro: int = 16, seq_len: int = 128, zero_steps: int = 5) -> dict:
     from korch.train.job import init_local_ray
-    from korch.train.runner import StageContext, resolve_prepared_data, resolve_tokenizer, run_training_stage
+    from korch.tasks.mlm import MlmTask
+    from korch.train.runner import StageContext, resolve_tokenizer, run_training_stage
 
     import ray
 
@@ -96,8 +97,8 @@ def run_bench(corpus: list[str], steps: int = 80, micro: int = 16, seq_len: int 
         base = _stage("prep", corpus, steps, 1, 0, micro, seq_len, None)
         base_ctx = StageContext(stage_dir=work / "prep")
         base_ctx.stage_dir.mkdir(parents=True)
-        tokenizer = resolve_tokenizer(base, base_ctx)
-        prepared = resolve_prepared_data(base, base_ctx, tokenizer)
+        tokenizer = resolve_tokenizer(base, base_ctx, MlmTask)
+        prepared = MlmTask.prepare_data(base, base_ctx, tokenizer)
         print("[bench] torch baseline", flush=True)
         torch_rate = torch_baseline(prepared, tokenizer, steps, micro=micro, seq_len=seq_len)
         print(f"[bench] torch: {torch_rate:.1f} samples/s", flush=True)

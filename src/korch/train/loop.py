@@ -1,14 +1,15 @@
-"""The per-worker training loop for masked-LM stages (runs inside Ray Train workers).
+"""The per-worker training loop, shared by every trained task (runs inside Ray Train workers).
 
-Reads top to bottom: config → rank/device → model (+ resume weights) → DeepSpeed → resume optimizer/position →
-micro-batch loop with logging, checkpoints, the failure test hook and evaluation → final export.
+Reads top to bottom: config → rank/device → task → model (+ resume weights) → DeepSpeed → resume optimizer,
+schedule and position → epochs of micro batches with logging, checkpoints, the failure test hook, evaluation,
+best-epoch export and early stopping → final export. The loop knows no task: what a batch is, what the loss
+and the metrics are and how the model is exported come from the stage's `TrainTask` (`korch.tasks.base`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,13 @@ class TrainLoopConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    task: str
+    options: dict[str, Any] = {}
+    task_info: dict[str, Any] = {}
     stage_dir: str
     tokenizer_dir: str
+    prepared_dir: str
+    manifest: dict[str, Any]
     start_from: str | None = None
     resume_from: str | None = None
     model: ModelConfig
@@ -34,7 +40,6 @@ class TrainLoopConfig(BaseModel):
     eval: EvalConfig
     deepspeed_config: dict[str, Any]
     seq_len: int
-    mlm_probability: float
     rows_per_worker: int
     has_validation: bool
     use_gpu: bool
@@ -64,6 +69,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def is_improvement(value: float, best: float | None, greater_is_better: bool) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best if greater_is_better else value < best
+
+
 def train_loop_per_worker(config: dict) -> dict | None:
     import deepspeed
     import ray
@@ -71,11 +82,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import torch
     from transformers import AutoTokenizer
 
-    from korch.data.stream import iter_worker_batches
-    from korch.eval.mlm import evaluate_mlm
-    from korch.models import build_mlm_model
+    from korch.data.pipeline import epoch_units
+    from korch.data.stream import iter_rank_batches
+    from korch.tasks import TASKS
+    from korch.tasks.base import batch_generator
     from korch.train import checkpoint as ckpt
-    from korch.train.collate import mask_tokens, masking_generator, pad_blocks
 
     cfg = TrainLoopConfig.model_validate(config)
     context = ray.train.get_context()
@@ -90,9 +101,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
-    special_ids = sorted(set(tokenizer.all_special_ids))
+    task_cls = TASKS[cfg.task].load_trainer()
+    task = task_cls(task_cls.Options.model_validate(cfg.options), cfg.model, tokenizer, cfg.seq_len, cfg.task_info)
     train = cfg.train
     steps_per_epoch, total_steps = plan_steps(train, cfg.rows_per_worker)
+    micro_per_epoch = steps_per_epoch * train.grad_accum
 
     # Resume source: Ray's latest checkpoint after a worker-group restart, else an explicit one.
     resume_dir, ray_checkpoint = None, ray.train.get_checkpoint()
@@ -106,7 +119,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         weights, moments, state = ckpt.read_checkpoint(resume_dir)
 
     torch.manual_seed(train.seed)
-    model = build_mlm_model(cfg.model, len(tokenizer), cfg.seq_len, tokenizer.pad_token_id, cfg.start_from)
+    model = task.build_model(cfg.start_from)
     if weights is not None:
         ckpt.load_weights_into(model, weights)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -119,6 +132,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler_factory, config=cfg.deepspeed_config)
 
     global_step = int(state["step"])
+    selection = _Selection(cfg.eval, task_cls, state)
     if moments is not None:
         ckpt.restore_optimizer_state(engine.module, optimizer, moments, int(state.get("adam_step", global_step)))
         _restore_schedule(scheduler, global_step)
@@ -126,30 +140,33 @@ def train_loop_per_worker(config: dict) -> dict | None:
             log.event.remote("resume", step=global_step, attempt=attempt, from_step=global_step,
                              source=str(cfg.resume_from if ray_checkpoint is None else "ray"))
 
-    train_shard = ray.train.get_dataset_shard("train")
+    def evaluate() -> dict[str, Any]:
+        plan = epoch_units(cfg.manifest, cfg.prepared_dir, "validation", train.seed, 0, world_size)
+        return _evaluate(engine, task, plan, rank, world_size, device, train.micro_batch_size, cfg.eval.max_batches)
+
     fail_rank = min(1, world_size - 1)
     losses: list[float] = []
     window_start, window_samples = time.perf_counter(), 0
-    last_loss = float("nan")
+    last_loss = float(state.get("loss", float("nan")))
+    evaluation: dict[str, Any] = {}
+    stopped_early = bool(state.get("stopped_early", False))
     engine.train()
-    while global_step < total_steps:
+    while global_step < total_steps and not stopped_early:
         epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
         micro_index = done_in_epoch * train.grad_accum
-        # The planned steps use only full micro batches, so the loop leaves each epoch before a short tail batch.
-        for batch in iter_worker_batches(train_shard, train.micro_batch_size, skip_batches=micro_index):
-            input_ids, attention_mask = pad_blocks(batch["input_ids"], cfg.seq_len, tokenizer.pad_token_id)
-            inputs, labels = mask_tokens(input_ids, attention_mask, special_ids, tokenizer.mask_token_id,
-                                         len(tokenizer), cfg.mlm_probability,
-                                         masking_generator(train.seed, epoch, micro_index, rank))
+        plan = epoch_units(cfg.manifest, cfg.prepared_dir, "train", train.seed, epoch, world_size)
+        # Only full micro batches of the planned steps are trained: the loop leaves the epoch before its tail.
+        for rows in iter_rank_batches(plan, rank, world_size, train.micro_batch_size,
+                                      skip_rows=micro_index * train.micro_batch_size, columns=task_cls.columns):
+            batch = task.collate(rows, batch_generator(train.seed, epoch, micro_index, rank))
             # Dropout draws from global RNG: reseed per micro batch so a resumed run repeats it exactly.
-            torch.manual_seed(train.seed + 7919 * (epoch * steps_per_epoch * train.grad_accum + micro_index) + rank)
-            loss = engine(input_ids=inputs.to(device), attention_mask=attention_mask.to(device),
-                          labels=labels.to(device)).loss
+            torch.manual_seed(train.seed + 7919 * (epoch * micro_per_epoch + micro_index) + rank)
+            loss = task.loss(engine, {k: v.to(device) for k, v in batch.items()})
             engine.backward(loss)
             engine.step()
             micro_index += 1
             losses.append(float(loss.detach()))
-            window_samples += len(input_ids)
+            window_samples += len(rows["row_id"])
             if micro_index % train.grad_accum:
                 continue
             global_step += 1
@@ -160,24 +177,38 @@ def train_loop_per_worker(config: dict) -> dict | None:
                                  reason=f"{FAIL_ENV}={cfg.fail_at_step}")
                 ray.get(log.flush.remote())
                 os._exit(1)
+            epoch_end = global_step % steps_per_epoch == 0
+            epoch_mark = epoch + micro_index / micro_per_epoch
             if global_step % train.log_every_steps == 0 or global_step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 if is_rank_zero:
                     log.metrics.remote({
-                        "step": global_step, "epoch": epoch + micro_index / (steps_per_epoch * train.grad_accum),
-                        "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                        "step": global_step, "epoch": epoch_mark, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                         "samples_per_s": window_samples * world_size / max(elapsed, 1e-9),
                         "memory_mb_per_token": _memory_mb(device) / (train.micro_batch_size * cfg.seq_len),
                         "time": time.time(),
                     })
                 window_start, window_samples = time.perf_counter(), 0
-            epoch_end = global_step % steps_per_epoch == 0
-            if epoch_end or global_step == total_steps or (train.checkpoint_every_steps and global_step % train.checkpoint_every_steps == 0):
-                _save(engine, optimizer, scheduler, cfg, tokenizer, rank, attempt, log,
+            if epoch_end and cfg.has_validation and cfg.eval.every == "epoch":
+                evaluation = evaluate()
+                if is_rank_zero:
+                    log.evaluation.remote({"step": global_step, "epoch": epoch_mark, **evaluation})
+                if selection.offer(evaluation, global_step):
+                    _export(engine, task, Path(cfg.stage_dir) / "best", is_rank_zero)
+                    if is_rank_zero:
+                        log.event.remote("best", step=global_step, attempt=attempt, **selection.describe())
+                stopped_early = selection.exhausted()
+                engine.train()
+            if epoch_end or global_step == total_steps or stopped_early or (
+                    train.checkpoint_every_steps and global_step % train.checkpoint_every_steps == 0):
+                _save(engine, optimizer, scheduler, task, cfg, rank, attempt, log,
                       {"step": global_step, "epoch": epoch + (1 if epoch_end else 0), "loss": last_loss,
-                       "world_size": world_size, "seed": train.seed},
+                       "world_size": world_size, "seed": train.seed, "stopped_early": stopped_early,
+                       **selection.state()},
                       export_hf=epoch_end)
-            if epoch_end or global_step >= total_steps:
+            if stopped_early and is_rank_zero:
+                log.event.remote("early_stop", step=global_step, attempt=attempt, **selection.describe())
+            if epoch_end or global_step >= total_steps or stopped_early:
                 break
         else:
             if global_step < total_steps and global_step % steps_per_epoch:
@@ -186,15 +217,85 @@ def train_loop_per_worker(config: dict) -> dict | None:
     ray.get(log.flush.remote())  # this rank's log rows are written before the driver stops the actor
     summary: dict[str, Any] = {"step": global_step, "loss": last_loss, **_optimizer_bytes(optimizer)}
     if cfg.has_validation and cfg.eval.every != "never":
-        summary["eval"] = evaluate_mlm(engine, ray.train.get_dataset_shard("validation"), tokenizer, special_ids, rank, device,
-                                       seq_len=cfg.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                                       max_batches=cfg.eval.max_batches, mlm_probability=cfg.mlm_probability)
-    _export_final(engine, cfg, tokenizer, is_rank_zero)
+        if not evaluation:  # `end`, or training stopped between epoch ends
+            evaluation = evaluate()
+        summary["eval"] = dict(evaluation, **({"best": selection.describe()} if selection.enabled else {}))
+    if stopped_early:
+        summary["stopped_early"] = True
+    _export(engine, task, Path(cfg.stage_dir) / "final", is_rank_zero)
+    engine.eval()
+    probe = task.probe(engine, device)  # ZeRO-3 forward is collective: every rank joins it
     if is_rank_zero:
-        summary["probe_logits"] = _probe_logits(engine, tokenizer, device)
+        if probe is not None:
+            summary["probe_logits"] = probe
         return summary
-    _probe_logits(engine, tokenizer, device)  # ZeRO-3 forward is collective: every rank joins it
     return None
+
+
+class _Selection:
+    """Best-epoch bookkeeping for `eval.select_best` and `eval.patience`; its state rides in checkpoints."""
+
+    def __init__(self, eval_cfg: EvalConfig, task_cls, state: dict):
+        self.metric = eval_cfg.select_best
+        self.enabled = self.metric is not None
+        self.patience = eval_cfg.patience
+        direction = eval_cfg.greater_is_better
+        if direction is None and self.metric is not None:
+            direction = task_cls.greater_is_better.get(
+                self.metric, not any(word in self.metric for word in ("loss", "perplexity")))
+        self.greater = bool(direction)
+        self.best = state.get("best_metric")
+        self.best_step = state.get("best_step")
+        self.misses = int(state.get("evals_without_improvement", 0))
+
+    def offer(self, evaluation: dict, step: int) -> bool:
+        """True when this evaluation is the new best (so the caller exports `best/`)."""
+        if not self.enabled:
+            return False
+        if self.metric not in evaluation:
+            raise ValueError(f"eval.select_best '{self.metric}' is not among the task's metrics: "
+                             f"{', '.join(sorted(evaluation))}")
+        value = float(evaluation[self.metric])
+        if is_improvement(value, self.best, self.greater):
+            self.best, self.best_step, self.misses = value, step, 0
+            return True
+        self.misses += 1
+        return False
+
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.misses >= self.patience
+
+    def state(self) -> dict:
+        return {"best_metric": self.best, "best_step": self.best_step, "evals_without_improvement": self.misses}
+
+    def describe(self) -> dict:
+        return {"metric": self.metric, "value": self.best, "step": self.best_step}
+
+
+def _evaluate(engine, task, plan, rank: int, world_size: int, device, micro_batch_size: int,
+              max_batches: int | None) -> dict[str, Any]:
+    """Collective under torch.distributed: every rank runs the same number of forwards (ZeRO-3 gathers
+    parameters in each), which the equal per-rank shares of the padded plan guarantee."""
+    import torch
+    import torch.distributed as dist
+
+    from korch.data.stream import iter_rank_batches
+    from korch.tasks.base import EVAL_SEED, batch_generator
+
+    engine.eval()
+    totals: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for index, rows in enumerate(iter_rank_batches(plan, rank, world_size, micro_batch_size, columns=task.columns)):
+            if max_batches is not None and index >= max_batches:
+                break
+            batch = {k: v.to(device) for k, v in task.collate(rows, batch_generator(EVAL_SEED, 0, index, rank)).items()}
+            weight = torch.tensor([0.0 if pad else 1.0 for pad in rows["is_padding"]], device=device)
+            for key, value in task.eval_sums(engine, batch, weight).items():
+                totals[key] = totals[key] + value.double().cpu() if key in totals else value.double().cpu().clone()
+    if dist.is_initialized():
+        for key in sorted(totals):
+            dist.all_reduce(totals[key])
+    return task.eval_metrics(totals)
 
 
 def _restore_schedule(scheduler, step: int) -> None:
@@ -230,8 +331,10 @@ def _memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _save(engine, optimizer, scheduler, cfg: TrainLoopConfig, tokenizer, rank: int, attempt: int, log, state: dict,
+def _save(engine, optimizer, scheduler, task, cfg: TrainLoopConfig, rank: int, attempt: int, log, state: dict,
           export_hf: bool) -> None:
+    import tempfile
+
     import ray.train
 
     from korch.train import checkpoint as ckpt
@@ -244,7 +347,7 @@ def _save(engine, optimizer, scheduler, cfg: TrainLoopConfig, tokenizer, rank: i
             ckpt.write_checkpoint(tmp, weights, moments, state)
             if export_hf:
                 target = Path(cfg.stage_dir) / f"checkpoint-{state['step']}"
-                ckpt.atomic_publish(lambda d: _write_hf(engine.module, weights, tokenizer, d), target)
+                ckpt.atomic_publish(lambda d: _write_hf(engine.module, task, weights, d), target)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"step": state["step"], "loss": state["loss"]}, checkpoint=checkpoint)
     if rank == 0:
@@ -252,33 +355,19 @@ def _save(engine, optimizer, scheduler, cfg: TrainLoopConfig, tokenizer, rank: i
                          hf_folder=f"checkpoint-{state['step']}" if export_hf else None)
 
 
-def _write_hf(module, weights: dict, tokenizer, directory) -> None:
+def _write_hf(module, task, weights: dict, directory) -> None:
     """Save a from_pretrained-loadable folder from gathered full weights (works for partitioned ZeRO-3 modules)."""
-    from transformers import AutoModelForMaskedLM
-
     from korch.train import checkpoint as ckpt
 
-    fresh = AutoModelForMaskedLM.from_config(module.config)
+    fresh = task.empty_model(module.config)
     ckpt.load_weights_into(fresh, weights)
-    fresh.tie_weights()
-    fresh.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    task.save(fresh, str(directory))
 
 
-def _export_final(engine, cfg: TrainLoopConfig, tokenizer, is_rank_zero: bool) -> None:
+def _export(engine, task, target: Path, is_rank_zero: bool) -> None:
+    """Collective: every rank gathers; rank 0 publishes the folder atomically."""
     from korch.train import checkpoint as ckpt
 
     weights, _, _ = ckpt.gather_full_state(engine.module, engine.optimizer)
     if is_rank_zero:
-        ckpt.atomic_publish(lambda d: _write_hf(engine.module, weights, tokenizer, d), Path(cfg.stage_dir) / "final")
-
-
-def _probe_logits(engine, tokenizer, device) -> list[float]:
-    """Logits of the in-memory model on a fixed sentence: the export-parity test compares against them."""
-    import torch
-
-    engine.eval()
-    encoded = tokenizer("한국어 문장으로 모델을 확인합니다.", return_tensors="pt")
-    with torch.no_grad():
-        logits = engine(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device)).logits
-    return logits[0, :, :8].float().cpu().flatten().tolist()
+        ckpt.atomic_publish(lambda d: _write_hf(engine.module, task, weights, d), target)

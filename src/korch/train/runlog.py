@@ -43,6 +43,15 @@ class RunLog:
             print(f"[korch] {self.stage_dir.name}: step {row['step']} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
                   f"lr {row['lr']:.2e} {row['samples_per_s']:.1f} samples/s", flush=True)
 
+    def evaluation(self, row: dict) -> None:
+        """An evaluation during training: a metrics.jsonl row whose metric keys start with `val_`."""
+        step, epoch = row.pop("step"), row.pop("epoch")
+        self._append("metrics.jsonl", {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in row.items()},
+                                       "time": time.time()})
+        if self.echo:
+            shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+            print(f"[korch] {self.stage_dir.name}: eval at step {step} epoch {epoch:.2f} {shown}", flush=True)
+
     def flush(self) -> bool:
         return True
 

@@ -34,24 +34,11 @@ class StageContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_tokenizer(stage: StageConfig, ctx: StageContext) -> str:
+def resolve_tokenizer(stage: StageConfig, ctx: StageContext, task_cls) -> str:
     """The same choice a data_prepare stage makes; a trained one is cached in the stage's `tokenizer/`."""
     from korch.data.stage import resolve_tokenizer_dir
 
-    return resolve_tokenizer_dir(stage, ctx, ctx.stage_dir / "tokenizer")
-
-
-def resolve_prepared_data(stage: StageConfig, ctx: StageContext, tokenizer_dir: str) -> str:
-    from korch.data.pipeline import is_prepared, prepare_corpus
-
-    if ctx.extra.get("prepared_data"):
-        return ctx.extra["prepared_data"]
-    inputs = stage.data.inputs
-    if len(inputs) == 1 and is_prepared(inputs[0]):
-        return inputs[0]
-    output = ctx.stage_dir / "data"
-    prepare_corpus(stage.data, tokenizer_dir, str(output), seed=stage.train.seed, progress=True)
-    return str(output)
+    return resolve_tokenizer_dir(stage, ctx, ctx.stage_dir / "tokenizer", texts=lambda: task_cls.training_texts(stage))
 
 
 def _ray_run_name(stage_dir: Path, new: bool) -> str:
@@ -65,20 +52,23 @@ def _ray_run_name(stage_dir: Path, new: bool) -> str:
 
 
 def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
+    """Any trained task: its `TrainTask` prepares the data, then the shared loop runs on Ray Train + DeepSpeed."""
     import ray
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from korch.data.pipeline import load_manifest, rows_per_worker, train_dataset
-    from korch.data.stream import build_train_data_config
+    from korch.data.pipeline import load_manifest, rows_per_worker
+    from korch.tasks import TASKS
     from korch.train.deepspeed_config import build_deepspeed_config
     from korch.train.loop import FAIL_ENV, TrainLoopConfig, plan_steps, train_loop_per_worker
     from korch.train.runlog import start_run_log
     from korch.train.scaling import build_failure_config, build_scaling_config, build_torch_config
 
     dist = stage.distributed
-    tokenizer_dir = ctx.tokenizer_dir or resolve_tokenizer(stage, ctx)
-    prepared = resolve_prepared_data(stage, ctx, tokenizer_dir)
+    task_cls = TASKS[stage.task].load_trainer()
+    options = stage.options
+    tokenizer_dir = ctx.tokenizer_dir or resolve_tokenizer(stage, ctx, task_cls)
+    prepared = task_cls.prepare_data(stage, ctx, tokenizer_dir)
     manifest = load_manifest(prepared)
     seq_len = int(manifest.get("seq_len", stage.data.seq_len))
     rows = rows_per_worker(manifest, "train", dist.num_workers)
@@ -87,30 +77,27 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
         steps_per_epoch, total_steps = plan_steps(stage.train, rows)
     except ValueError as exc:
         raise UserError(f"stage {stage.name}: {exc}") from None
-    print(f"[korch] {stage.name}: {rows} rows per worker x {dist.num_workers} workers, {steps_per_epoch} steps/epoch, "
-          f"{total_steps} steps planned, ZeRO-{dist.deepspeed.zero_stage}", flush=True)
+    print(f"[korch] {stage.name}: {stage.task}, {rows} rows per worker x {dist.num_workers} workers, "
+          f"{steps_per_epoch} steps/epoch, {total_steps} steps planned, ZeRO-{dist.deepspeed.zero_stage}", flush=True)
 
     log_name = f"korch-log-{os.getpid()}-{time.time_ns()}"
     log = start_run_log(str(ctx.stage_dir), log_name)
     fail_at = os.environ.get(FAIL_ENV)
     loop_config = TrainLoopConfig(
-        stage_dir=str(ctx.stage_dir), tokenizer_dir=tokenizer_dir, start_from=ctx.start_from,
-        resume_from=ctx.resume_from, model=stage.model, train=stage.train, eval=stage.eval,
+        task=stage.task, options=options.model_dump(mode="json") if options else {},
+        task_info=task_cls.data_info(manifest, options), stage_dir=str(ctx.stage_dir), tokenizer_dir=tokenizer_dir,
+        prepared_dir=str(Path(prepared).resolve()) if "://" not in str(prepared) else str(prepared),
+        manifest=manifest, start_from=ctx.start_from, resume_from=ctx.resume_from, model=stage.model,
+        train=stage.train, eval=stage.eval,
         deepspeed_config=build_deepspeed_config(dist.deepspeed, stage.train, dist.num_workers, dist.use_gpu),
-        seq_len=seq_len, mlm_probability=stage.data.mlm_probability, rows_per_worker=rows,
-        has_validation=has_validation, use_gpu=dist.use_gpu, cpus_per_worker=dist.cpus_per_worker,
-        log_actor=log_name, fail_at_step=int(fail_at) if fail_at else None,
+        seq_len=seq_len, rows_per_worker=rows, has_validation=has_validation, use_gpu=dist.use_gpu,
+        cpus_per_worker=dist.cpus_per_worker, log_actor=log_name, fail_at_step=int(fail_at) if fail_at else None,
     )
-    datasets = {"train": train_dataset(prepared, "train", stage.train.seed, 0, dist.num_workers)}
-    if has_validation:
-        datasets["validation"] = train_dataset(prepared, "validation", stage.train.seed, 0, dist.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config.model_dump(mode="json"),
         torch_config=build_torch_config(dist),
         scaling_config=build_scaling_config(dist),
-        datasets=datasets,
-        dataset_config=build_train_data_config(),
         run_config=RunConfig(
             name=_ray_run_name(ctx.stage_dir, ctx.fresh_run or bool(ctx.resume_from)),
             storage_path=str((ctx.stage_dir / "ray").resolve()),

@@ -1,0 +1,70 @@
+"""The task registry: what a stage's `task:` may name, and each task's options section.
+
+Kept free of heavy imports so `korch validate` stays fast: a task module declares its options and its
+`TrainTask` class at the top level and imports torch/transformers inside methods only. Trained tasks share one
+loop (`korch.train.loop`) through the `TrainTask` interface in `korch.tasks.base`; other tasks (data_prepare)
+name a driver-side runner instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    description: str
+    runner: str
+    """`module:function` taking (stage: StageConfig, ctx: StageContext) and returning the stage's summary dict."""
+    needs_data: bool = True
+    options: type[BaseModel] | None = None
+    """The typed section a stage of this task may carry under the task's name (e.g. `classify: {...}`)."""
+    trainer: str | None = None
+    """`module:Class` of the task's `TrainTask`, for tasks that run through the shared training loop."""
+    rows: str = "corpus"
+    """What the task reads: `corpus` (packed blocks), `labelled` (text, label records) or `none`."""
+
+    def load_runner(self) -> Callable:
+        return _load(self.runner)
+
+    def load_trainer(self) -> type:
+        if self.trainer is None:
+            raise ValueError(f"task {self.name} does not train")
+        return _load(self.trainer)
+
+
+def _load(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+TASKS: dict[str, TaskInfo] = {}
+
+
+def register_task(info: TaskInfo) -> None:
+    TASKS[info.name] = info
+
+
+def _register_builtin() -> None:
+    from korch.tasks.classify import ClassifyOptions
+    from korch.tasks.mlm import MlmOptions
+
+    train_runner = "korch.train.runner:run_training_stage"
+    register_task(TaskInfo(
+        "mlm", "Masked-language-model pretraining (BERT-style 80/10/10 masking) on packed corpus blocks.",
+        train_runner, options=MlmOptions, trainer="korch.tasks.mlm:MlmTask", rows="corpus"))
+    register_task(TaskInfo(
+        "classify", "Sequence classification on labelled records: cls/mean/max pooling, cross-entropy or focal "
+        "loss, per-class F1, best-epoch selection; exports an AutoModelForSequenceClassification folder.",
+        train_runner, options=ClassifyOptions, trainer="korch.tasks.classify:ClassifyTask", rows="labelled"))
+    register_task(TaskInfo(
+        "data_prepare", "Clean, sentence-split and pack a raw corpus into parquet shards plus manifest.json.",
+        "korch.data.stage:run_prepare_stage", rows="none"))
+
+
+_register_builtin()
