@@ -96,8 +96,8 @@ class TokenizerConfig(_Strict):
 class DataConfig(_Strict):
     inputs: list[str] = []
     """Corpus files, folders, globs or pyarrow URIs (s3://, gs://): txt, jsonl, parquet, WikiExtractor `<doc>` files, or a folder written by `korch data prepare` (has manifest.json)."""
-    format: Literal["auto", "txt", "jsonl", "parquet", "wiki", "tsv", "csv"] = "auto"
-    """Input format; `auto` decides per file from its extension and first bytes. Labelled tasks read `tsv`, `csv`, `jsonl` or `parquet`."""
+    format: Literal["auto", "txt", "lines", "jsonl", "parquet", "wiki", "tsv", "csv"] = "auto"
+    """Input format; `auto` decides per file from its extension and first bytes (a headed TSV's text column feeds corpus tasks; a .txt without blank lines is one document per line). Labelled tasks read `tsv`, `csv`, `jsonl` or `parquet`."""
     text_fields: list[str] = ["text", "content", "document", "sentence"]
     """For jsonl/parquet: the first of these fields present in a record is its text."""
     seq_len: int = Field(default=128, ge=8, le=65536)

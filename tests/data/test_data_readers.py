@@ -150,3 +150,30 @@ def test_crlf_txt_is_cut_on_blank_lines(tmp_path):
     path.write_bytes("\r\n\r\n".join(docs).encode() + b"\r\n")
     assert len(plan_chunks(expand_inputs([str(path)]), 64)) > 5
     assert _read_all(path, "auto", 64) == [d.replace("\r\n", "\n") for d in docs]
+
+
+def test_headed_tsv_and_line_per_document_txt_are_sniffed(tmp_path):
+    """Labelled sets feed TAPT with their text column; comment dumps (no blank lines) are one doc per line."""
+    import collections
+
+    from korch.config import DataConfig
+    from korch.data.readers import expand_inputs, iter_documents, plan_chunks, read_chunk
+
+    table = tmp_path / "ratings.txt"
+    table.write_text("id\tdocument\tlabel\n" + "".join(f"{i}\t리뷰 \"{i}\" 번째 문장입니다 정말\t{i % 2}\n" for i in range(300)))
+    comments = tmp_path / "comments.txt"
+    comments.write_text("".join(f"댓글 {i} 번째 내용입니다\n" for i in range(40)))
+    paragraphs = tmp_path / "paragraphs.txt"
+    paragraphs.write_text("첫 문단입니다.\n둘째 줄.\n\n다음 문단입니다.\n")
+    files = expand_inputs([str(table), str(comments), str(paragraphs)])
+    assert [f.fmt for f in files] == ["tsv", "lines", "txt"]
+    cfg = DataConfig(inputs=[str(table)], min_doc_chars=0, dedup=False)
+    docs = list(iter_documents(cfg.inputs, cfg))
+    assert len(docs) == 300 and docs[0] == '리뷰 "0" 번째 문장입니다 정말'
+    # A chunk from the middle of the file finds its text column through the file's header.
+    bad = collections.Counter()
+    chunks = plan_chunks(files[:1], 2048, bad)
+    assert len(chunks) > 1
+    assert [d for c in chunks for d in read_chunk(c, 10_000, cfg.text_fields, bad)] == docs and not bad
+    cfg = DataConfig(inputs=[str(comments)], min_doc_chars=0)
+    assert len(list(iter_documents(cfg.inputs, cfg))) == 40

@@ -81,7 +81,7 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None, metavar="N", help="tokens per packed block (default 128)")
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="Hugging Face fast tokenizer folder; default: train one into OUTPUT/tokenizer")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML with data fields (morphemes, dedup, min_doc_chars, ...)")
-    p.add_argument("--format", default=None, choices=["auto", "txt", "jsonl", "parquet", "wiki"])
+    p.add_argument("--format", default=None, choices=["auto", "txt", "lines", "jsonl", "parquet", "wiki", "tsv"])
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size when training a tokenizer")
     p.add_argument("--tokenizer-docs", type=int, default=50_000, help="train the tokenizer on at most this many documents")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

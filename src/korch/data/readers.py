@@ -10,7 +10,12 @@ Formats and what one *document* is:
 - `jsonl`: one JSON object per line; the text is the first of `text_fields` present.
 - `wiki`: WikiExtractor `<doc id=.. title=..>` blocks; the title line is dropped (it repeats the header).
 - `parquet`: one row per document; the text column is the first of `text_fields` in the schema.
-`auto` decides by extension (.txt .jsonl .json .ndjson .parquet .pq), else by sniffing the first bytes.
+- `lines`: one document per line (comment and review dumps).
+- `tsv`: one record per line under a header row (quoting off); the text is the first of `text_fields` in the
+  header. This is how labelled sets (NSMC, comment sets) feed a TAPT `mlm` stage with their text only.
+`auto` decides by extension (.txt .jsonl .json .ndjson .parquet .pq .tsv), else by sniffing the first bytes; a
+.txt whose first line is a tab-separated header naming a text column (`id<TAB>document<TAB>label`) is tsv, and
+one with many lines but no blank line in its first 64 KiB is `lines` (a paragraph corpus has blank lines).
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from korch.errors import UserError
 from .text import clean_document, text_hash
 
 EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-              ".parquet": "parquet", ".pq": "parquet"}
+              ".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv"}
+# Header names that mark a .txt file as a table of records rather than running text.
+HEADER_TEXT_FIELDS = ("text", "content", "document", "sentence", "comments", "comment", "review")
 _PEEK = 1 << 20  # how far past a planned cut we look for a document boundary before giving the cut up
 _WIKI_HEADER = re.compile(r'^<doc\b[^>]*?title="([^"]*)"')
 
@@ -86,10 +93,30 @@ def _format_of(fs: pafs.FileSystem, fs_path: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     ext = os.path.splitext(fs_path)[1].lower()
-    if ext in EXTENSIONS:
+    if ext in EXTENSIONS and EXTENSIONS[ext] != "txt":
         return EXTENSIONS[ext]
     with fs.open_input_stream(fs_path) as f:
-        return sniff_format(f.read(64))
+        head = f.read(1 << 16)
+    if _tsv_header(head) is not None:
+        return "tsv"
+    guess = EXTENSIONS.get(ext) or sniff_format(head[:64])
+    if guess == "txt" and _one_document_per_line(head):
+        return "lines"
+    return guess
+
+
+def _one_document_per_line(head: bytes) -> bool:
+    lines = head.split(b"\n")[:-1]  # the last piece may be cut mid-line
+    return len(lines) >= 20 and not any(not line.strip(b"\r \t") for line in lines)
+
+
+def _tsv_header(head: bytes) -> list[str] | None:
+    """The header fields if the first line is a tab-separated header naming a text column, else None."""
+    first = head.split(b"\n", 1)[0].rstrip(b"\r").lstrip(b"\xef\xbb\xbf")
+    if b"\t" not in first:
+        return None
+    fields = first.decode("utf-8", "replace").split("\t")
+    return fields if any(f.strip() in HEADER_TEXT_FIELDS for f in fields) else None
 
 
 def expand_inputs(inputs: Iterable[str], fmt: str = "auto", ignored: list[str] | None = None) -> list[SourceFile]:
@@ -301,7 +328,45 @@ def parse_wiki(lines, max_chars: int, bad: collections.Counter) -> Iterator[str]
         yield "\n".join(doc)
 
 
-def parse_lines(fmt: str, lines, max_chars: int, text_fields: list[str], bad: collections.Counter) -> Iterator[str]:
+def parse_line_documents(lines, max_chars: int, bad: collections.Counter) -> Iterator[str]:
+    for line in _decode_lines(lines, max_chars, bad, doc_level=True):
+        if line is not None and line.strip():
+            yield line
+
+
+def parse_tsv(lines, max_chars: int, text_fields: list[str], bad: collections.Counter,
+              header: list[str] | None = None) -> Iterator[str]:
+    """Records of a headed TSV; `header` is given when these lines are a chunk from inside the file."""
+    column = None if header is None else _text_column(header, text_fields)
+    for line in _decode_lines(lines, max_chars, bad, doc_level=True):
+        if line is None:
+            continue
+        fields = line.split("\t")
+        if header is None or fields == header:  # the header row itself (first line of the file)
+            header, column = fields, _text_column(fields, text_fields)
+            continue
+        if not line.strip():
+            continue
+        if column is None or column >= len(fields):
+            bad["no_text_field"] += 1
+            continue
+        yield fields[column]
+
+
+def _text_column(header: list[str], text_fields: list[str]) -> int | None:
+    names = [h.strip() for h in header]
+    for field in [*text_fields, *HEADER_TEXT_FIELDS]:
+        if field in names:
+            return names.index(field)
+    return None
+
+
+def parse_lines(fmt: str, lines, max_chars: int, text_fields: list[str], bad: collections.Counter,
+                header: list[str] | None = None) -> Iterator[str]:
+    if fmt == "tsv":
+        return parse_tsv(lines, max_chars, text_fields, bad, header)
+    if fmt == "lines":
+        return parse_line_documents(lines, max_chars, bad)
     if fmt == "txt":
         return parse_txt(lines, max_chars, bad)
     if fmt == "jsonl":
@@ -323,7 +388,11 @@ def read_chunk(chunk: Chunk, max_chars: int, text_fields: list[str], bad: collec
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    yield from parse_lines(chunk.fmt, lines, max_chars, text_fields, bad)
+    header = None
+    if chunk.fmt == "tsv" and chunk.start > 0:  # a later chunk: the header sits at the top of the file
+        with fs.open_input_stream(fs_path) as f:
+            header = _tsv_header(f.read(1 << 16))
+    yield from parse_lines(chunk.fmt, lines, max_chars, text_fields, bad, header)
 
 
 def _read_parquet(fs, fs_path, chunk: Chunk, text_fields: list[str], bad: collections.Counter) -> Iterator[str]:
