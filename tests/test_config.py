@@ -132,3 +132,56 @@ def test_needs_must_name_an_earlier_stage(tmp_path):
     text = _good(tmp_path) + "  - {name: ft, task: mlm, needs: later, data: {inputs: [" + str(DATA / "nsmc") + "]}}\n"
     with pytest.raises(SpecError, match="needs 'later', which is not an earlier stage"):
         load_job(_write(tmp_path, text))
+
+
+CLASSIFY = """\
+name: t
+stages:
+  - name: cls
+    task: classify
+    data: {{inputs: [{data}], text_column: document}}
+    train: {{epochs: 1}}
+"""
+
+
+@pytest.mark.parametrize("task, section, typo, allowed", [
+    ("mlm", "mlm", "mlm_probabilty", "mlm_probability"),
+    ("classify", "classify", "gama", "gamma"),
+])
+def test_a_misspelled_task_option_exits_2_naming_the_field(tmp_path, capsys, task, section, typo, allowed):
+    text = GOOD.format(data=DATA / "kowiki_sample") if task == "mlm" else CLASSIFY.format(data=DATA / "nsmc" / "ratings_train.head5000.txt")
+    stage = "mlm" if task == "mlm" else "cls"
+    assert main(["validate", _write(tmp_path, text), "--set", f"stages.{stage}.{section}.{typo}=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"stages.{stage}.{section}.{typo}" in err[0] and f"did you mean '{allowed}'" in err[0]
+
+
+def test_a_section_for_another_task_is_an_error(tmp_path, capsys):
+    path = _write(tmp_path, GOOD.format(data=DATA / "kowiki_sample"))
+    assert main(["validate", path, "--set", "stages.mlm.classify.pooling=max"]) == 2
+    err = capsys.readouterr().err
+    assert "section 'classify' holds options of task classify, but this stage runs task mlm" in err
+
+
+def test_task_options_default_and_validate(tmp_path):
+    path = _write(tmp_path, CLASSIFY.format(data=DATA / "nsmc" / "ratings_train.head5000.txt"))
+    stage = load_job(path).stages[0]
+    assert stage.options.pooling == "cls" and stage.options.loss == "cross_entropy"
+    stage = load_job(path, ["stages.cls.classify={pooling: max, loss: focal, gamma: 2.0, alpha: [0.3, 0.7]}"]).stages[0]
+    assert (stage.options.pooling, stage.options.gamma, stage.options.alpha) == ("max", 2.0, [0.3, 0.7])
+    with pytest.raises(SpecError, match="alpha weights the focal loss"):
+        load_job(path, ["stages.cls.classify.alpha=[0.5, 0.5]"])
+    with pytest.raises(SpecError, match="pooling: Input should be 'cls', 'mean' or 'max'"):
+        load_job(path, ["stages.cls.classify.pooling=avg"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("stages.cls.eval.select_best=macro_f1", "select_best compares epochs: set eval.every: epoch"),
+    ("stages.cls.eval={every: epoch, patience: 2}", "patience counts evaluations without a better select_best"),
+    ("stages.cls.data.label_bins=[4, 3]", "strictly ascending"),
+    ("stages.cls.data={inputs: [x.tsv]}", "does not exist"),
+])
+def test_labelled_and_eval_rules(tmp_path, override, words):
+    path = _write(tmp_path, CLASSIFY.format(data=DATA / "nsmc" / "ratings_train.head5000.txt"))
+    with pytest.raises(SpecError, match=words):
+        load_job(path, [override])
