@@ -117,7 +117,7 @@ class DataConfig(_Strict):
     max_docs: int | None = Field(default=None, ge=1)
     """Read at most this many documents (after skips), for quick runs."""
     validation_fraction: float = Field(default=0.02, ge=0.0, lt=1.0)
-    """Share of documents held out (chosen by a hash of the text, so stable) for evaluation."""
+    """Share held out for evaluation: corpus documents chosen by a hash of the text (so stable); labelled rows by a seeded split stratified by class."""
     preprocess_actors: int = Field(default=2, ge=1)
     """Ray Data actors running Kiwi; each holds one ~260 MB `Kiwi`."""
     actor_cpus: float = Field(default=0.5, gt=0)

@@ -54,6 +54,8 @@ def read_piece(unit: dict, start: int, stop: int, columns: Sequence[str] | None 
     row_ids = order.astype(np.int64) + int(unit["base"])
     # Padding units sit after the real rows in the plan; their rows are repeats, flagged so evaluation skips them.
     padding = np.full(len(order), bool(unit.get("padding", False)))
+    if "row_id" in table.column_names:  # labelled shards store their source row; the split index is what counts here
+        table = table.drop_columns(["row_id"])
     return table.append_column("row_id", pa.array(row_ids)).append_column("is_padding", pa.array(padding))
 
 
