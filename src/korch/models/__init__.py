@@ -59,7 +59,9 @@ def build_mlm_model(model: ModelConfig, vocab_size: int, seq_len: int, pad_token
     else:
         net = AutoModelForMaskedLM.from_config(build_model_config(model, vocab_size, seq_len, pad_token_id))
     if model.gradient_checkpointing:
-        net.gradient_checkpointing_enable()
+        # transformers 5 renamed it to activation checkpointing; the old name still works there, with a warning.
+        enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
+        enable()
     return net
 
 
