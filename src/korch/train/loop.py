@@ -269,7 +269,7 @@ class _Selection:
         return {"best_metric": self.best, "best_step": self.best_step, "evals_without_improvement": self.misses}
 
     def describe(self) -> dict:
-        return {"metric": self.metric, "value": self.best, "step": self.best_step}
+        return {"metric": self.metric, "value": self.best, "best_step": self.best_step}
 
 
 def _evaluate(engine, task, plan, rank: int, world_size: int, device, micro_batch_size: int,

@@ -107,17 +107,28 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
     )
     try:
         result = trainer.fit()
+        error = result.error
+    except ray.train.TrainingFailedError as exc:  # Train V2 raises what V1 returned in `result.error`
+        result, error = None, exc
     finally:
         ray.kill(log)
-    summary = result.return_value or {}
-    if result.error:
-        reason = next((line.strip() for line in str(result.error).splitlines() if line.strip()), type(result.error).__name__)
+    if error:
         raise StageFailed(f"stage {stage.name} failed after {max(dist.max_failures, 0)} allowed worker failure(s): "
-                          f"{reason}; checkpoints in {ctx.stage_dir / 'ray'} are kept, run the same command to resume")
+                          f"{_first_cause(error)}; checkpoints in {ctx.stage_dir / 'ray'} are kept, run the same "
+                          "command to resume")
+    summary = result.return_value or {}
     evaluation = summary.get("eval", {"note": "no held-out split large enough to evaluate"})
     (ctx.stage_dir / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
     extra = {k: v for k, v in summary.items() if k not in ("step", "loss", "eval")}
     return {"final_step": summary.get("step"), "final_loss": summary.get("loss"), "eval": evaluation, **extra}
+
+
+def _first_cause(error: BaseException) -> str:
+    """The line that says what went wrong (a worker's exception), not Ray's wrapper headers or tracebacks."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(("Traceback", "File ", "[Rank", "Training failed"))
+              and ("Error" in line.split(":")[0] or "Exception" in line.split(":")[0])]
+    return (causes or lines or [type(error).__name__])[-1]
 
 
 def apply_from_checkpoint(ctx: StageContext, path: str) -> None:

@@ -1,0 +1,124 @@
+"""The classify family end to end, as a user runs it: `korch run jobs/nsmc_tiny.yaml` on a local 2-worker Ray
+with DeepSpeed ZeRO-2, `korch predict` on its model against transformers' own pipeline, and a worker failure
+that resumes to exactly the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NSMC = REPO.parent / "shared" / "data" / "nsmc" / "ratings_train.head5000.txt"
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not NSMC.is_file(), reason="../shared/data is not available")]
+
+
+def korch(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "korch.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def nsmc_tiny(tmp_path_factory) -> tuple[Path, float]:
+    runs = tmp_path_factory.mktemp("runs")
+    began = time.time()
+    done = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(runs))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return runs / "nsmc-tiny" / "classify", time.time() - began
+
+
+def test_nsmc_tiny_trains_evaluates_each_epoch_and_keeps_the_best(nsmc_tiny):
+    stage, seconds = nsmc_tiny
+    metrics = read_jsonl(stage / "metrics.jsonl")
+    evaluations = [m for m in metrics if "val_macro_f1" in m]
+    assert len(evaluations) == 3  # one per epoch
+    assert all({"val_loss", "val_accuracy", "val_per_class_f1"} <= set(m) for m in evaluations)
+    assert set(evaluations[-1]["val_per_class_f1"]) == {"negative", "positive"}
+    evaluation = json.loads((stage / "eval.json").read_text())
+    assert evaluation["rows"] == 500  # the 10% stratified split, each row counted once across 2 ranks
+    assert evaluation["best"]["value"] == max(m["val_macro_f1"] for m in evaluations)
+    assert evaluation["accuracy"] > 0.6, evaluation  # well above chance on balanced NSMC, even for a tiny model
+    events = [e["event"] for e in read_jsonl(stage / "events.jsonl")]
+    assert "best" in events and events[-1] == "finish"
+    manifest = json.loads((stage / "data" / "manifest.json").read_text())
+    assert manifest["labels"] == ["negative", "positive"] and manifest["splits"]["validation"]["rows"] == 500
+    for folder in ("final", "best"):
+        config = json.loads((stage / folder / "config.json").read_text())
+        assert config["id2label"] == {"0": "negative", "1": "positive"}
+    print(f"nsmc_tiny: {seconds:.0f} s, eval {evaluation}")
+
+
+def test_predict_agrees_with_the_transformers_pipeline(nsmc_tiny, tmp_path):
+    import korch  # noqa: F401  (mean pooling: the Auto classes learn korch's class on import)
+    from transformers import pipeline
+
+    stage, _ = nsmc_tiny
+    rows = [line.split("\t") for line in NSMC.read_text(encoding="utf-8").splitlines()[:101]]
+    rows[5][1] = ""  # an empty review still gets a prediction
+    rows[9][1] = " ".join([rows[9][1]] * 40)  # longer than the model's positions: truncated, not an error
+    source = tmp_path / "reviews.tsv"
+    source.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "pred.jsonl"
+    done = korch("predict", "--model", str(stage / "final"), "--input", str(source), "--output", str(out),
+                 "--workers", "2", "--batch-size", "16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    predictions = read_jsonl(out)
+    assert [p["id"] for p in predictions] == [r[0] for r in rows[1:]]  # one per row, in input order
+
+    reference = pipeline("text-classification", model=str(stage / "final"), top_k=None, device="cpu")
+    expected = reference([r[1] for r in rows[1:]], truncation=True, max_length=64)
+    for prediction, ref in zip(predictions, expected):
+        probabilities = {item["label"]: item["score"] for item in ref}
+        assert prediction["label"] == max(probabilities, key=probabilities.get)
+        for name, score in probabilities.items():
+            assert prediction["probabilities"][name] == pytest.approx(score, abs=1e-5)
+
+
+def test_a_worker_failure_resumes_to_the_uninterrupted_run(nsmc_tiny, tmp_path):
+    """2 workers, ZeRO-2, rank 1 dies at step 15: the run resumes from the step-10 checkpoint and every logged
+    loss, every evaluation and the final weights equal the clean run's."""
+    import torch
+    from safetensors.torch import load_file
+
+    stage, _ = nsmc_tiny
+    small = ["--set", "stages.classify.train={seed: 42, max_steps: 24, micro_batch_size: 32, lr: 2.0e-3, "
+             "checkpoint_every_steps: 10, log_every_steps: 2}",
+             "--set", f"stages.classify.tokenizer.path={stage / 'tokenizer'}",
+             "--set", "stages.classify.distributed.max_failures=1"]
+    clean = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path / "clean"), *small)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    faulty = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path / "faulty"), *small,
+                   env={"KORCH_FAIL_AT_STEP": "15"})
+    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    clean_stage, faulty_stage = (tmp_path / name / "nsmc-tiny" / "classify" for name in ("clean", "faulty"))
+    events = read_jsonl(faulty_stage / "events.jsonl")
+    assert next(e for e in events if e["event"] == "failure")["step"] == 15
+    resume = next(e for e in events if e["event"] == "resume")
+    assert resume["from_step"] == 10 and resume["attempt"] == 2
+
+    def by_step(stage_dir):
+        rows = {}
+        for row in read_jsonl(stage_dir / "metrics.jsonl"):
+            rows[(row["step"], "val_loss" in row)] = row  # a resumed run logs steps 12, 14 again: the last wins
+        return rows
+
+    clean_rows, faulty_rows = by_step(clean_stage), by_step(faulty_stage)
+    assert clean_rows.keys() == faulty_rows.keys()
+    for key, row in clean_rows.items():
+        for name in ("loss", "val_loss", "val_accuracy"):
+            if name in row:
+                assert faulty_rows[key][name] == pytest.approx(row[name], abs=1e-6), (key, name)
+    clean_weights = load_file(str(clean_stage / "final" / "model.safetensors"))
+    faulty_weights = load_file(str(faulty_stage / "final" / "model.safetensors"))
+    assert clean_weights.keys() == faulty_weights.keys()
+    for name, tensor in clean_weights.items():
+        torch.testing.assert_close(faulty_weights[name], tensor, atol=1e-6, rtol=0)
