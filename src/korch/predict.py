@@ -77,8 +77,25 @@ def _check_model(model_dir: str) -> tuple[list[str], int]:
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"--model {model_dir}: cannot read config.json ({exc})") from None
     names = [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
-    max_length = getattr(config, "max_position_embeddings", None) or 512
-    return names, int(max_length)
+    return names, _max_length(model_dir, config)
+
+
+def _max_length(model_dir: str, config) -> int:
+    """Truncate as the model was trained: the tokenizer's `model_max_length` (korch sets it to the stage's
+    seq_len, which is also what `pipeline(..., truncation=True)` uses), capped by the position table."""
+    import json
+
+    encoder = getattr(config, "encoder", None)  # korch's pooled classifier keeps the encoder's config inside
+    positions = getattr(config, "max_position_embeddings", None) or getattr(encoder, "max_position_embeddings", None)
+    limit = int(positions or 512)
+    try:
+        with open(os.path.join(model_dir, "tokenizer_config.json"), encoding="utf-8") as handle:
+            trained = json.load(handle).get("model_max_length")
+    except (OSError, ValueError):
+        trained = None
+    if isinstance(trained, (int, float)) and 0 < trained < limit:
+        limit = int(trained)
+    return limit
 
 
 def _read_input(path: str, text_column: str | None, pair_column: str | None, id_column: str | None,

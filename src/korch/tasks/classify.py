@@ -153,4 +153,6 @@ class ClassifyTask(TrainTask):
         from korch.models.classifier import save_classifier
 
         save_classifier(model, folder)
+        # Inference truncates where training did: `pipeline(..., truncation=True)` and `korch predict` read this.
+        self.tokenizer.model_max_length = self.seq_len
         self.tokenizer.save_pretrained(folder)
