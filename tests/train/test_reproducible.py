@@ -30,8 +30,9 @@ def test_two_fresh_runs_are_identical(tmp_path, monkeypatch):
 
     monkeypatch.chdir(REPO)  # the job's inputs are relative to the repo
     job = load_job("jobs/quickstart.yaml", [
-        "stages.mlm.tokenizer.vocab_size=3000", "stages.mlm.tokenizer.max_docs=300", "stages.mlm.data.max_docs=200",
-        "stages.mlm.train.max_steps=4", "stages.mlm.train.warmup_steps=2", "stages.mlm.train.log_every_steps=1",
+        "stages.mlm.tokenizer.vocab_size=2000", "stages.mlm.tokenizer.max_docs=200", "stages.mlm.data.max_docs=100",
+        "stages.mlm.data.preprocess_actors=1", "stages.mlm.train.max_steps=4", "stages.mlm.train.micro_batch_size=8",
+        "stages.mlm.train.warmup_steps=2", "stages.mlm.train.log_every_steps=1",
         "stages.mlm.train.checkpoint_every_steps=100", "stages.mlm.eval.max_batches=1"])
     if ray.is_initialized():
         pytest.skip("needs a Ray session of its own")
