@@ -43,7 +43,8 @@ train_wordpiece(itertools.islice(iter_documents(cfg.inputs, cfg), 300), sys.argv
 
 
 def test_train_wordpiece_is_byte_identical_across_processes(tmp_path):
-    """tokenizers' own WordPieceTrainer gives a different tokenizer.json on most runs of this (huggingface/tokenizers#1794)."""
+    """tokenizers' own WordPieceTrainer gives a different tokenizer.json on most runs of this input
+    (huggingface/tokenizers#1794)."""
     corpus = str(DATA / "korean_petitions")
     outs = []
     for seed in ("1", "2"):  # fresh interpreters with different string hashing, as two `korch run`s would be

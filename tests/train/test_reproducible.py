@@ -45,8 +45,8 @@ def test_two_fresh_runs_are_identical(tmp_path, monkeypatch):
 
     stages = a, b = [tmp_path / run / "quickstart" / "mlm" for run in ("a", "b")]
     assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()
-    shards = [[(s["path"], s["rows"], s["sha256"]) for s in json.loads((d / "data" / "manifest.json").read_text())["shards"]]
-              for d in stages]
+    manifests = [json.loads((d / "data" / "manifest.json").read_text()) for d in stages]
+    shards = [[(s["path"], s["rows"], s["sha256"]) for s in m["shards"]] for m in manifests]
     assert shards[0] == shards[1] and shards[0]
     assert _losses(a) == _losses(b) and len(_losses(a)) == 4
     weights = [load_file(str(d / "final" / "model.safetensors")) for d in stages]
