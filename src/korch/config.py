@@ -164,7 +164,7 @@ class DataConfig(_Strict):
 
 class TrainConfig(_Strict):
     seed: int = 42
-    """Seed for init, data order and masking; the same seed gives the same run."""
+    """Seed for init, data order, masking and dropout. Two fresh runs of a job with the same seed give the same run: byte-identical tokenizer and shards, the same losses and (on CPU) weights."""
     epochs: int | None = Field(default=None, ge=1)
     """Passes over the training data. Set this, `max_steps`, or both (whichever ends first)."""
     max_steps: int | None = Field(default=None, ge=1)
