@@ -185,6 +185,34 @@ def test_exclusive_jobs_queue_instead_of_running_together(ray_head, tmp_path):
     assert state(first) == "SUCCEEDED" and state(second) == "SUCCEEDED"
 
 
+def test_korch_stop_stops_a_running_job(ray_head, cli, monkeypatch):
+    # A sleep stands in for `korch run`: what is tested is that `korch stop` ends a running job.
+    import time
+
+    from korch.cluster import submit
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
+    job_id = submit.submit(ray_head.address, entrypoint="sleep 300", runtime_env={}, metadata={}, resources={})
+
+    def state():
+        return str(submit.status(ray_head.address, job_id).status.value)
+
+    deadline = time.time() + 60
+    while state() != "RUNNING" and time.time() < deadline:
+        time.sleep(0.5)
+    assert state() == "RUNNING"
+    code, out, err = cli("stop", job_id, "--address", ray_head.address)
+    assert code == 0 and out.strip() == f"{job_id}: stop requested", err
+    deadline = time.time() + 60
+    while state() not in submit.TERMINAL and time.time() < deadline:
+        time.sleep(0.5)
+    assert state() == "STOPPED"
+    code, out, _ = cli("status", job_id, "--address", ray_head.address)
+    assert code == 0 and f"{job_id}: STOPPED" in out
+    code, out, _ = cli("stop", job_id, "--address", ray_head.address)
+    assert code == 0 and out.strip() == f"{job_id}: already finished"
+
+
 def _run_wires_the_live_check() -> bool:
     import inspect
 
