@@ -78,8 +78,10 @@ def test_worker_failure_resumes_from_the_checkpoint_and_repeats_the_clean_run(fa
 
     clean, faulty = (fault_runs / kind / "quickstart" / stage for kind in ("clean", "faulty"))
     events = read_jsonl(faulty / "events.jsonl")
-    failure = next(e for e in events if e["event"] == "failure")
-    resume = next(e for e in events if e["event"] == "resume")
+    failures = [e for e in events if e["event"] == "failure"]
+    resumes = [e for e in events if e["event"] == "resume"]
+    assert len(failures) == 1 and len(resumes) == 1, events
+    failure, resume = failures[0], resumes[0]
     assert failure["rank"] == 1 and failure["step"] == 15
     # The newest checkpoint before step 15 is step 10's: resuming from any other step is a bug.
     assert resume["from_step"] == 10 and resume["attempt"] == 2 and resume["source"] == "ray"
