@@ -185,6 +185,34 @@ def test_exclusive_jobs_queue_instead_of_running_together(ray_head, tmp_path):
     assert state(first) == "SUCCEEDED" and state(second) == "SUCCEEDED"
 
 
+def test_korch_stop_stops_a_running_job(ray_head, cli, monkeypatch):
+    # A sleep stands in for `korch run`: what is tested is that `korch stop` ends a running job.
+    import time
+
+    from korch.cluster import submit
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
+    job_id = submit.submit(ray_head.address, entrypoint="sleep 300", runtime_env={}, metadata={}, resources={})
+
+    def state():
+        return str(submit.status(ray_head.address, job_id).status.value)
+
+    deadline = time.time() + 60
+    while state() != "RUNNING" and time.time() < deadline:
+        time.sleep(0.5)
+    assert state() == "RUNNING"
+    code, out, err = cli("stop", job_id, "--address", ray_head.address)
+    assert code == 0 and out.strip() == f"{job_id}: stop requested", err
+    deadline = time.time() + 60
+    while state() not in submit.TERMINAL and time.time() < deadline:
+        time.sleep(0.5)
+    assert state() == "STOPPED"
+    code, out, _ = cli("status", job_id, "--address", ray_head.address)
+    assert code == 0 and f"{job_id}: STOPPED" in out
+    code, out, _ = cli("stop", job_id, "--address", ray_head.address)
+    assert code == 0 and out.strip() == f"{job_id}: already finished"
+
+
 def _run_wires_the_live_check() -> bool:
     import inspect
 
@@ -225,80 +253,74 @@ def test_korch_run_fails_fast_when_the_gang_can_never_fit(ray_head, cli, monkeyp
 # --- fake multi-node cluster -----------------------------------------------------------------------------
 
 def test_six_worker_gpu_stage_lands_on_the_6_gpu_node(tmp_path):
-    # Ray only counts GPUs, so a node that *declares* 6 GPUs is enough to test placement; the train function
-    # finds no CUDA and falls back to CPU, as korch's loop does. Runs in a subprocess: the fake cluster's
-    # ray.init must not leak into other tests.
+    # Ray only counts GPUs, so a node that *declares* 6 GPUs is enough to test placement. korch's own job runs
+    # there through run_job: a data_prepare stage (no Kiwi, the fixture corpus) hands its shards and tokenizer
+    # to a 6-worker `use_gpu: true` mlm stage whose workers find no CUDA and fall back to CPU on gloo.
+    # A subprocess, so the fake cluster's ray.init does not leak into other tests.
     script = tmp_path / "fake_cluster.py"
     script.write_text(FAKE_CLUSTER_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900,
-                            cwd=tmp_path)
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    corpus = REPO / "tests" / "fixtures" / "data" / "corpus"
+    result = subprocess.run([sys.executable, str(script), str(corpus), str(tmp_path / "runs")], env=env,
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["live_check"] is None and got["live_check_7"] is not None
+    stage = tmp_path / "runs" / "fake6" / "mlm"
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["final_step"] == 3
+    events = [json.loads(line) for line in (stage / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and events[0]["workers"] == 6 and events[-1]["event"] == "finish"
+    from korch.train.checkpoint import read_checkpoint
+    from korch.train.runner import latest_checkpoint
+
+    assert read_checkpoint(latest_checkpoint(stage))[2]["world_size"] == 6
+    assert (stage / "final" / "model.safetensors").is_file() and (stage / "final" / "tokenizer.json").is_file()
+    # Placement: every training worker ran on the node that declares the GPUs (and, finding no CUDA there,
+    # trained on CPU: a worker that tried CUDA would have failed the stage).
     workers = got["workers"]
-    assert len(workers) == 6
-    assert {w["node"] for w in workers} == {got["gpu_node"]}
-    assert all(w["cuda"] is False and w["device"] == "cpu" for w in workers)
-    assert sorted(w["rank"] for w in workers) == list(range(6))
+    assert len(workers) == 6 and {w["node"] for w in workers} == {got["gpu_node"]}, workers
 
 
-FAKE_CLUSTER_SCRIPT = r'''
-import json, os, tempfile
+FAKE_CLUSTER_SCRIPT = r"""
+import json, sys
+from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
+corpus, runs = sys.argv[1], sys.argv[2]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
 gpu_node = cluster.add_node(num_cpus=6, num_gpus=6)
 cluster.wait_for_nodes()
 try:
     ray.init(address=cluster.address, logging_level="ERROR")
-    from korch.config import DistributedConfig
     from korch.cluster.live import check_stage_fits
+    from korch.config import DistributedConfig, load_job
+    from korch.train.job import run_job
 
-    distributed = DistributedConfig(num_workers=6, use_gpu=True, cpus_per_worker=1, gpus_per_worker=1)
-    live_check = check_stage_fits(distributed)
+    live_check = check_stage_fits(DistributedConfig(num_workers=6, use_gpu=True))
     live_check_7 = check_stage_fits(DistributedConfig(num_workers=7, use_gpu=True))
+    job = Path(runs).parent / "fake6.yaml"
+    job.write_text(json.dumps({"name": "fake6", "stages": [
+        {"name": "prepare", "task": "data_prepare", "tokenizer": {"vocab_size": 300, "min_frequency": 1},
+         "data": {"inputs": [corpus], "seq_len": 16, "split_sentences": False, "min_doc_chars": 0,
+                  "validation_fraction": 0.0, "preprocess_actors": 1, "actor_cpus": 0.5}},
+        {"name": "mlm", "task": "mlm", "needs": "prepare",
+         "train": {"max_steps": 3, "micro_batch_size": 1, "checkpoint_every_steps": 2, "log_every_steps": 1},
+         "eval": {"every": "never"},
+         "distributed": {"num_workers": 6, "use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 1,
+                         "backend": "gloo", "deepspeed": {"zero_stage": 2, "precision": "fp32"}}},
+    ]}))
+    run_job(load_job(job), runs)
+    # Ray keeps dead actors' records: where did korch's training workers run, and did they see CUDA?
+    from ray.util.state import list_actors
 
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    try:
-        from korch.train.scaling import build_scaling_config, build_torch_config
-        scaling, torch_config = build_scaling_config(distributed), build_torch_config(distributed)
-    except ImportError:
-        from ray.train import ScalingConfig
-        from ray.train.torch import TorchConfig
-        scaling = ScalingConfig(num_workers=6, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
-        torch_config = TorchConfig(backend="gloo")
-    if torch_config.backend == "nccl":
-        # korch picks nccl for GPU stages; these GPUs are only declared, so use the CPU fallback's backend.
-        from ray.train.torch import TorchConfig
-        torch_config = TorchConfig(backend="gloo")
-
-    def train_fn(config):
-        import torch, ray.train
-        torch.set_num_threads(1)
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU fallback
-        ctx = ray.train.get_context()
-        import torch.distributed as dist
-        t = torch.ones(1)
-        dist.all_reduce(t)  # the gang really formed one process group
-        out = {"rank": ctx.get_world_rank(), "node": ray.get_runtime_context().get_node_id(),
-               "cuda": torch.cuda.is_available(), "device": device, "world": int(t.item())}
-        path = os.path.join(config["dir"], f"rank{out['rank']}.json")
-        with open(path, "w") as f:
-            json.dump(out, f)
-
-    shared = tempfile.mkdtemp()
-    trainer = TorchTrainer(train_fn, train_loop_config={"dir": shared}, scaling_config=scaling,
-                           torch_config=torch_config,
-                           run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(), name="fake6"))
-    trainer.fit()
-    workers = [json.load(open(os.path.join(shared, f))) for f in sorted(os.listdir(shared))]
-    assert all(w["world"] == 6 for w in workers), workers
+    workers = [{"node": a["node_id"]}
+               for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)]
     print(json.dumps({"workers": workers, "gpu_node": gpu_node.node_id, "live_check": live_check,
                       "live_check_7": live_check_7}))
 finally:
     ray.shutdown()
     cluster.shutdown()
-'''
+"""

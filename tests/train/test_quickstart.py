@@ -16,31 +16,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from korch_runs import PAYLOAD_MARKER, REPO, guard_env, guard_report, korch, plant_pickles, read_jsonl, small, write_job
+
 pytestmark = pytest.mark.slow
-
-
-def korch(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "korch.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("runs")
-    done = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(runs), timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return runs / "quickstart" / "mlm"
-
-
-def small(stage_dir: Path, steps: int, *extra: str) -> list[str]:
-    """Overrides that reuse the quickstart's prepared data and tokenizer for a short run."""
-    return ["--set", f"stages.mlm.train.max_steps={steps}", "--set", f"stages.mlm.data.inputs=[{stage_dir / 'data'}]",
-            "--set", f"stages.mlm.tokenizer.path={stage_dir / 'tokenizer'}", *extra]
 
 
 def test_quickstart_outputs_load_and_loss_falls(quickstart):
@@ -73,22 +51,60 @@ def test_rerun_skips_a_finished_stage(quickstart):
     assert read_jsonl(quickstart / "events.jsonl")[-1]["event"] == "skip"
 
 
-def test_worker_failure_recovers_to_the_same_loss(quickstart, tmp_path):
-    clean = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path / "clean"), *small(quickstart, 30))
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    faulty = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path / "faulty"), *small(quickstart, 30),
-                   env={"KORCH_FAIL_AT_STEP": "15"})
-    assert faulty.returncode == 0, faulty.stderr[-3000:]
-    stage = tmp_path / "faulty" / "quickstart" / "mlm"
-    events = read_jsonl(stage / "events.jsonl")
-    failure = next(e for e in events if e["event"] == "failure")
-    resume = next(e for e in events if e["event"] == "resume")
+# --- worker failure: ZeRO-2 and ZeRO-3, clean vs. failed at step 15 --------------------------------------
+
+FAULT_STAGES = [{"name": f"zero{z}", "train": {"max_steps": 20, "checkpoint_every_steps": 10, "log_every_steps": 5},
+                 "eval": {"every": "never"}, "distributed": {"deepspeed": {"zero_stage": z}}} for z in (2, 3)]
+
+
+@pytest.fixture(scope="module")
+def fault_runs(quickstart, tmp_path_factory) -> Path:
+    """The same 2-worker ZeRO-2 and ZeRO-3 stages run clean and with rank 1 exiting at step 15, under the
+    unpickling guard (the Ray-restart resume reads its checkpoint from the run folder)."""
+    root = tmp_path_factory.mktemp("fault")
+    job = write_job(root / "fault.yaml", quickstart, FAULT_STAGES)
+    clean = korch("run", str(job), "--runs-dir", str(root / "clean"), timeout=900)
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    faulty = korch("run", str(job), "--runs-dir", str(root / "faulty"), timeout=900,
+                   env={"KORCH_FAIL_AT_STEP": "15", **guard_env(root, root / "guard.jsonl")})
+    assert faulty.returncode == 0, faulty.stdout[-3000:] + faulty.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_worker_failure_resumes_from_the_checkpoint_and_repeats_the_clean_run(fault_runs, stage):
+    import torch
+    from safetensors.torch import load_file
+
+    clean, faulty = (fault_runs / kind / "quickstart" / stage for kind in ("clean", "faulty"))
+    events = read_jsonl(faulty / "events.jsonl")
+    failures = [e for e in events if e["event"] == "failure"]
+    resumes = [e for e in events if e["event"] == "resume"]
+    assert len(failures) == 1 and len(resumes) == 1, events
+    failure, resume = failures[0], resumes[0]
     assert failure["rank"] == 1 and failure["step"] == 15
-    assert resume["from_step"] <= 15 and resume["attempt"] == 2
-    clean_metrics = read_jsonl(tmp_path / "clean" / "quickstart" / "mlm" / "metrics.jsonl")
-    faulty_metrics = read_jsonl(stage / "metrics.jsonl")
-    assert faulty_metrics[-1]["step"] == clean_metrics[-1]["step"] == 30
-    assert abs(faulty_metrics[-1]["loss"] - clean_metrics[-1]["loss"]) < 1e-3
+    # The newest checkpoint before step 15 is step 10's: resuming from any other step is a bug.
+    assert resume["from_step"] == 10 and resume["attempt"] == 2 and resume["source"] == "ray"
+    # Every logged loss (steps 5..20, including the 15 and 20 that ran twice) and LR repeat the clean run's:
+    # the same weights, Adam moments, LR step and data position were restored.
+    clean_metrics = {m["step"]: m for m in read_jsonl(clean / "metrics.jsonl")}
+    faulty_metrics = read_jsonl(faulty / "metrics.jsonl")
+    assert sorted(clean_metrics) == [5, 10, 15, 20]
+    assert {m["step"] for m in faulty_metrics} == set(clean_metrics)
+    for row in faulty_metrics:
+        assert abs(row["loss"] - clean_metrics[row["step"]]["loss"]) < 1e-6, (row, clean_metrics[row["step"]])
+        assert row["lr"] == pytest.approx(clean_metrics[row["step"]]["lr"], rel=1e-9)
+    clean_final, faulty_final = (load_file(str(d / "final" / "model.safetensors")) for d in (clean, faulty))
+    assert clean_final.keys() == faulty_final.keys()
+    for name, tensor in clean_final.items():
+        torch.testing.assert_close(faulty_final[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_failure_resume_never_unpickled_a_run_file(fault_runs):
+    refused, patched = guard_report(fault_runs / "guard.jsonl")
+    assert refused == []
+    # The driver plus both training workers, twice (the restarted group): the guard really ran in them.
+    assert patched >= 5, patched
 
 
 def test_sigterm_then_rerun_continues_the_global_step(quickstart, tmp_path):
@@ -116,14 +132,12 @@ def test_sigterm_then_rerun_continues_the_global_step(quickstart, tmp_path):
     assert metrics[-1]["step"] == 60
 
 
-def test_zero3_export_matches_in_memory_logits(quickstart, tmp_path):
+def test_zero3_export_matches_in_memory_logits(fault_runs):
+    # The clean ZeRO-3 stage of the fault runs: its final/ must give the logits the partitioned model gave.
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    done = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path),
-                 *small(quickstart, 10, "--set", "stages.mlm.distributed.deepspeed.zero_stage=3"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    stage = tmp_path / "quickstart" / "mlm"
+    stage = fault_runs / "clean" / "quickstart" / "zero3"
     in_memory = torch.tensor(json.loads((stage / "summary.json").read_text())["probe_logits"])
     model = AutoModelForMaskedLM.from_pretrained(stage / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(stage / "final")
@@ -133,18 +147,69 @@ def test_zero3_export_matches_in_memory_logits(quickstart, tmp_path):
     torch.testing.assert_close(exported, in_memory, rtol=1e-4, atol=1e-4)
 
 
-def test_resume_on_a_different_worker_count(quickstart, tmp_path):
-    """2 workers -> 1 (from the quickstart's stage folder: its newest checkpoint) -> 2 again."""
-    one = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path / "one"), "--from-checkpoint", str(quickstart),
-                *small(quickstart, 205, "--set", "stages.mlm.distributed.num_workers=1"))
+def _quickstart_lr(step: int, total: int) -> float:
+    """jobs/quickstart.yaml's schedule: lr 2e-3, 20 warm-up steps, then linear decay to 0 at `total`."""
+    if step < 20:
+        return 2e-3 * (step + 1) / 20
+    return 2e-3 * (1.0 - min(1.0, (step - 20) / (total - 20)))
+
+
+def _checkpoint_state(stage: Path) -> dict:
+    from korch.train.checkpoint import read_checkpoint
+    from korch.train.runner import latest_checkpoint
+
+    return read_checkpoint(latest_checkpoint(stage))[2]
+
+
+@pytest.fixture(scope="module")
+def worker_count_runs(quickstart, tmp_path_factory) -> Path:
+    """2 workers -> 1 -> 2 through the CLI. The first resume reads a copy of the quickstart's newest checkpoint
+    with malicious pickles planted beside it, under the unpickling guard."""
+    import shutil
+
+    from korch.train.runner import latest_checkpoint
+
+    root = tmp_path_factory.mktemp("workers")
+    planted = root / "planted" / latest_checkpoint(quickstart).name
+    shutil.copytree(latest_checkpoint(quickstart), planted)
+    plant_pickles(planted, root / f"{PAYLOAD_MARKER}-PWNED")
+    per_step = ["--set", "stages.mlm.train.log_every_steps=1"]
+    # Checkpoints at 202, 204 and 205 (2 kept): the second run must pick 205 from the stage folder.
+    one = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(root / "one"), "--from-checkpoint", str(planted),
+                *small(quickstart, 205, "--set", "stages.mlm.distributed.num_workers=1", *per_step,
+                      "--set", "stages.mlm.train.checkpoint_every_steps=2"),
+                env=guard_env(root, root / "guard.jsonl"))
     assert one.returncode == 0, one.stderr[-3000:]
+    two = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(root / "two"), "--from-checkpoint",
+                str(root / "one" / "quickstart" / "mlm"), *small(quickstart, 210, *per_step))
+    assert two.returncode == 0, two.stderr[-3000:]
+    return root
+
+
+def test_from_checkpoint_never_unpickles_what_is_planted_beside_it(worker_count_runs):
+    refused, patched = guard_report(worker_count_runs / "guard.jsonl")
+    assert refused == [] and not (worker_count_runs / f"{PAYLOAD_MARKER}-PWNED").exists()
+    assert patched >= 2, patched  # the driver and the training worker ran under the guard
+
+
+def test_resume_on_a_different_worker_count(worker_count_runs):
+    """The tensors themselves are compared in test_resume_tensors.py; here the loop must continue the global step,
+    the LR schedule and Adam's step count (its bias correction) instead of restarting any of them."""
+    tmp_path = worker_count_runs
     one_stage = tmp_path / "one" / "quickstart" / "mlm"
     assert next(e for e in read_jsonl(one_stage / "events.jsonl") if e["event"] == "resume")["from_step"] == 200
-    assert read_jsonl(one_stage / "metrics.jsonl")[-1]["step"] == 205
+    metrics = read_jsonl(one_stage / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [201, 202, 203, 204, 205]
+    for row in metrics:
+        assert row["lr"] == pytest.approx(_quickstart_lr(row["step"], 205), abs=1e-12), row
+    state = _checkpoint_state(one_stage)
+    assert (state["step"], state["adam_step"], state["world_size"]) == (205, 205, 1)
 
-    two = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path / "two"), "--from-checkpoint", str(one_stage),
-                *small(quickstart, 210))
-    assert two.returncode == 0, two.stderr[-3000:]
     two_stage = tmp_path / "two" / "quickstart" / "mlm"
     assert next(e for e in read_jsonl(two_stage / "events.jsonl") if e["event"] == "resume")["from_step"] == 205
-    assert read_jsonl(two_stage / "metrics.jsonl")[-1]["step"] == 210
+    metrics = read_jsonl(two_stage / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [206, 207, 208, 209, 210]
+    for row in metrics:
+        assert row["lr"] == pytest.approx(_quickstart_lr(row["step"], 210), abs=1e-12), row
+    state = _checkpoint_state(two_stage)
+    assert (state["step"], state["adam_step"], state["world_size"]) == (210, 210, 2)

@@ -1,0 +1,54 @@
+"""A data_prepare stage hands its shards and tokenizer to mlm stages, end to end; and what ZeRO saves.
+
+One `korch run` of prepare -> four 2-worker mlm stages (ZeRO 0, 1, 2, 3; 2 steps each). The README's
+"ZeRO-1/2/3 hold 0.50x of ZeRO-0's Adam state per worker" is read from their summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from korch_runs import REPO, korch, write_job
+
+pytestmark = pytest.mark.slow
+DATA = (REPO / ".." / "shared" / "data" / "kowiki_sample").resolve()
+
+
+@pytest.fixture(scope="module")
+def chain(quickstart, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("chain")
+    # No Kiwi (split_sentences off) and 150 documents keep the prepare stage to seconds.
+    prepare = {"name": "prepare", "task": "data_prepare", "tokenizer": {"path": None, "vocab_size": 2000},
+               "data": {"inputs": [str(DATA)], "max_docs": 150, "split_sentences": False, "validation_fraction": 0.0}}
+    mlm = [{"name": f"zero{z}", "needs": "prepare", "tokenizer": {"path": None}, "data": {"inputs": []},
+            "train": {"max_steps": 2, "log_every_steps": 1}, "eval": {"every": "never"},
+            "distributed": {"deepspeed": {"zero_stage": z}}} for z in (0, 1, 2, 3)]
+    job = write_job(root / "chain.yaml", quickstart, [prepare, *mlm], name="chain")
+    done = korch("run", str(job), "--runs-dir", str(root), timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root / "chain"
+
+
+def test_data_prepare_hands_its_data_and_tokenizer_to_the_mlm_stages(chain):
+    prepare = chain / "prepare"
+    manifest = json.loads((prepare / "data" / "manifest.json").read_text())
+    assert manifest["docs_out"] > 0 and json.loads((prepare / "summary.json").read_text())["docs_out"] == manifest["docs_out"]
+    tokenizer = (prepare / "tokenizer" / "tokenizer.json").read_text()
+    for z in (0, 1, 2, 3):
+        stage = chain / f"zero{z}"
+        assert json.loads((stage / "summary.json").read_text())["final_step"] == 2
+        # It trained on prepare's shards with prepare's tokenizer instead of making its own.
+        assert not (stage / "data").exists() and not (stage / "tokenizer").exists()
+        assert (stage / "final" / "tokenizer.json").read_text() == tokenizer
+        vocab = json.loads((stage / "final" / "config.json").read_text())["vocab_size"]
+        assert vocab == len(json.loads(tokenizer)["model"]["vocab"])
+
+
+def test_zero_1_2_3_hold_half_of_zero_0s_adam_state_per_worker(chain):
+    held = {z: json.loads((chain / f"zero{z}" / "summary.json").read_text())["optimizer_state_bytes"] for z in (0, 1, 2, 3)}
+    # 2 workers: each holds half of every moment (padding makes it a few bytes more than exactly half).
+    for z in (1, 2, 3):
+        assert 0.49 <= held[z] / held[0] <= 0.51, held
