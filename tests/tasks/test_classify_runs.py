@@ -84,41 +84,38 @@ def test_predict_agrees_with_the_transformers_pipeline(nsmc_tiny, tmp_path):
 
 
 def test_a_worker_failure_resumes_to_the_uninterrupted_run(nsmc_tiny, tmp_path):
-    """2 workers, ZeRO-2, rank 1 dies at step 15: the run resumes from the step-10 checkpoint and every logged
-    loss, every evaluation and the final weights equal the clean run's."""
+    """The same job, but rank 1 dies at step 25: it resumes from the step-20 checkpoint, and every logged loss,
+    every epoch's evaluation, the best epoch and the final weights equal the uninterrupted run's."""
     import torch
     from safetensors.torch import load_file
 
-    stage, _ = nsmc_tiny
-    small = ["--set", "stages.classify.train={seed: 42, max_steps: 24, micro_batch_size: 32, lr: 2.0e-3, "
-             "checkpoint_every_steps: 10, log_every_steps: 2}",
-             "--set", f"stages.classify.tokenizer.path={stage / 'tokenizer'}",
-             "--set", "stages.classify.distributed.max_failures=1"]
-    clean = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path / "clean"), *small)
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    faulty = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path / "faulty"), *small,
-                   env={"KORCH_FAIL_AT_STEP": "15"})
+    clean_stage, _ = nsmc_tiny
+    faulty = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path), env={"KORCH_FAIL_AT_STEP": "25"})
     assert faulty.returncode == 0, faulty.stderr[-3000:]
-    clean_stage, faulty_stage = (tmp_path / name / "nsmc-tiny" / "classify" for name in ("clean", "faulty"))
+    faulty_stage = tmp_path / "nsmc-tiny" / "classify"
     events = read_jsonl(faulty_stage / "events.jsonl")
-    assert next(e for e in events if e["event"] == "failure")["step"] == 15
-    resume = next(e for e in events if e["event"] == "resume")
-    assert resume["from_step"] == 10 and resume["attempt"] == 2
+    assert [e["step"] for e in events if e["event"] == "failure"] == [25]
+    resumes = [e for e in events if e["event"] == "resume"]
+    assert [(e["from_step"], e["attempt"]) for e in resumes] == [(20, 2)]
 
     def by_step(stage_dir):
         rows = {}
         for row in read_jsonl(stage_dir / "metrics.jsonl"):
-            rows[(row["step"], "val_loss" in row)] = row  # a resumed run logs steps 12, 14 again: the last wins
+            rows[(row["step"], "val_loss" in row)] = row  # the resumed run logs steps 21-25 again: the last wins
         return rows
 
     clean_rows, faulty_rows = by_step(clean_stage), by_step(faulty_stage)
     assert clean_rows.keys() == faulty_rows.keys()
     for key, row in clean_rows.items():
-        for name in ("loss", "val_loss", "val_accuracy"):
+        for name in ("loss", "lr", "val_loss", "val_accuracy", "val_macro_f1"):
             if name in row:
                 assert faulty_rows[key][name] == pytest.approx(row[name], abs=1e-6), (key, name)
-    clean_weights = load_file(str(clean_stage / "final" / "model.safetensors"))
-    faulty_weights = load_file(str(faulty_stage / "final" / "model.safetensors"))
-    assert clean_weights.keys() == faulty_weights.keys()
-    for name, tensor in clean_weights.items():
-        torch.testing.assert_close(faulty_weights[name], tensor, atol=1e-6, rtol=0)
+    clean_eval, faulty_eval = (json.loads((d / "eval.json").read_text()) for d in (clean_stage, faulty_stage))
+    assert faulty_eval["best"]["best_step"] == clean_eval["best"]["best_step"]
+    assert faulty_eval["best"]["value"] == pytest.approx(clean_eval["best"]["value"], abs=1e-6)
+    for folder in ("final", "best"):
+        clean_weights = load_file(str(clean_stage / folder / "model.safetensors"))
+        faulty_weights = load_file(str(faulty_stage / folder / "model.safetensors"))
+        assert clean_weights.keys() == faulty_weights.keys()
+        for name, tensor in clean_weights.items():
+            torch.testing.assert_close(faulty_weights[name], tensor, atol=1e-6, rtol=0)

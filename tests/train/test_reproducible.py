@@ -34,14 +34,15 @@ def test_two_fresh_runs_are_identical(tmp_path, monkeypatch):
         "stages.mlm.data.preprocess_actors=1", "stages.mlm.train.max_steps=4", "stages.mlm.train.micro_batch_size=8",
         "stages.mlm.train.warmup_steps=2", "stages.mlm.train.log_every_steps=1",
         "stages.mlm.train.checkpoint_every_steps=100", "stages.mlm.eval.max_batches=1"])
-    if ray.is_initialized():
-        pytest.skip("needs a Ray session of its own")
-    init_local_ray(local_cpus_needed(job))
+    started = not ray.is_initialized()  # the suite may already hold a session (run_job then reuses it)
+    if started:
+        init_local_ray(local_cpus_needed(job))
     try:
         for run in ("a", "b"):
             run_job(job, str(tmp_path / run))
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
     stages = a, b = [tmp_path / run / "quickstart" / "mlm" for run in ("a", "b")]
     assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()

@@ -143,8 +143,13 @@ def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: boo
         needed = job_dir / stage.needs
         if job.stage(stage.needs).task == "data_prepare":
             ctx.extra["prepared_data"] = str(needed / "data")
-            if (needed / "tokenizer" / "tokenizer.json").exists() and not stage.tokenizer.path:
-                ctx.tokenizer_dir = str(needed / "tokenizer")
+            # The shards hold that stage's token ids: train with its tokenizer, trained there or given by path.
+            prepare = job.stage(stage.needs)
+            if not stage.tokenizer.path:
+                if (needed / "tokenizer" / "tokenizer.json").exists():
+                    ctx.tokenizer_dir = str(needed / "tokenizer")
+                elif prepare.tokenizer.path:
+                    ctx.tokenizer_dir = prepare.tokenizer.path
         elif (needed / "final" / "config.json").exists():
             ctx.start_from = str(needed / "final")
         else:
