@@ -101,7 +101,7 @@ def _max_length(model_dir: str, config) -> int:
 def _read_input(path: str, text_column: str | None, pair_column: str | None, id_column: str | None,
                 fmt: str, columns: list[str] | None):
     """(ids, texts, pairs or None, bad line count) in input order."""
-    from korch.data.labelled import read_records, resolve_column
+    from korch.data.records import read_records, resolve_column
 
     if not os.path.isfile(path):
         raise UserError(f"--input {path}: no such file; give a TSV, CSV or JSONL file")

@@ -12,7 +12,8 @@ import pytest
 
 from korch.config import DataConfig
 from korch.data.labelled import (LABELLED_SCHEMA, LabelMap, build_splits, infer_labels, iter_labelled_texts,
-                                 prepare_labelled, read_records, stratified_split)
+                                 prepare_labelled, stratified_split)
+from korch.data.records import read_records
 from korch.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
