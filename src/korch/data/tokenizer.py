@@ -178,7 +178,9 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, min_fre
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_max_length=1_000_000)
+                                   model_max_length=1_000_000,
+                                   # BERT-style inputs: sentence-pair tasks need the segment ids the template sets.
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
     return out_dir
