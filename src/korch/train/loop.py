@@ -176,6 +176,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 log.event.remote("failure", step=global_step, attempt=attempt, rank=rank,
                                  reason=f"{FAIL_ENV}={cfg.fail_at_step}")
                 ray.get(log.flush.remote())
+                # Ray Train's controller collects reported checkpoints on its poll; dying within the same instant
+                # as a report would test Ray's race, not korch's resume, so give it a few polls first.
+                time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")))
                 os._exit(1)
             epoch_end = global_step % steps_per_epoch == 0
             epoch_mark = epoch + micro_index / micro_per_epoch
