@@ -254,13 +254,7 @@ def register(sub) -> None:
 
 
 def main_args(argv: list[str]) -> int:
-    """Run `korch predict ARGS` (without the leading `predict`); UserError -> one line on stderr, exit 2."""
-    parser = argparse.ArgumentParser(prog="korch")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["predict", *argv])
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        for line in str(exc).splitlines() or ["error"]:
-            print(f"korch: error: {line}", file=sys.stderr)
-        return 2
+    """Run `korch predict ARGS` (without the leading `predict`) through the CLI: a UserError is one line, exit 2."""
+    from korch.cli import main
+
+    return main(["predict", *argv])

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from korch.errors import UserError
 
@@ -340,24 +339,6 @@ def _local_tokenise(tables: list[pa.Table], data, tokenizer_dir: str) -> Iterato
         yield tokenize(table)
 
 
-class _LabelledShardWriter(ShardWriter):
-    """ShardWriter with the labelled row schema (ShardWriter itself writes packed corpus blocks)."""
-
-    def _flush_group(self) -> None:
-        if not self.buffer:
-            return
-        if self.writer is None:
-            name = f"part-{len(self.shards):05d}.parquet"
-            self.writer = pq.ParquetWriter(os.path.join(self.directory, name), LABELLED_SCHEMA, compression="zstd")
-            self.current_name, self.current_rows, self.current_groups = name, 0, []
-        self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=LABELLED_SCHEMA), row_group_size=len(self.buffer))
-        self.current_rows += len(self.buffer)
-        self.current_groups.append(len(self.buffer))
-        self.buffer = []
-        if self.current_rows >= self.shard_rows:
-            self._close_shard()
-
-
 # --- the pipeline -------------------------------------------------------------------------------------------
 
 def build_fingerprint(data, train_files: list[str], val_files: list[str], tokenizer_dir: str, seed: int) -> str:
@@ -421,21 +402,13 @@ def prepare_labelled(data, tokenizer_dir: str, output_dir: str, seed: int, progr
     ray_started = False
     try:
         if engine == "ray" and tables:
-            import ray
+            from .pipeline import ensure_ray_for_pool
 
-            from .pipeline import local_ray_options
-
-            if not ray.is_initialized():
-                ray.init(**local_ray_options(max(2, min(4, os.cpu_count() or 2))))
-                ray_started = True
-            need, have = data.preprocess_actors * data.actor_cpus, ray.cluster_resources().get("CPU", 0)
-            if need > have:  # the pool would wait forever for actors that cannot be scheduled
-                raise UserError(f"data.preprocess_actors x data.actor_cpus = {need:g} CPUs, but the Ray cluster has "
-                                f"{have:g}; lower preprocess_actors or actor_cpus (e.g. 0.5)")
+            ray_started = ensure_ray_for_pool(data)
             batches = _ray_tokenise(tables, data, tokenizer_dir)
         else:
             batches = _local_tokenise(tables, data, tokenizer_dir)
-        writers = {s: _LabelledShardWriter(os.path.join(tmp, s), s) for s in SPLITS}
+        writers = {s: ShardWriter(os.path.join(tmp, s), s, schema=LABELLED_SCHEMA) for s in SPLITS}
         total, done, last = len(splits_in.train) + len(splits_in.validation), 0, time.perf_counter()
         try:
             for table in batches:

@@ -250,15 +250,7 @@ def prepare_corpus(cfg, tokenizer_dir: str, output_dir: str, seed: int = 42, pro
     ray_started = False
     try:
         if engine == "ray" and chunks:
-            import ray
-
-            if not ray.is_initialized():
-                ray.init(**local_ray_options(max(2, min(4, os.cpu_count() or 2))))
-                ray_started = True
-            need, have = cfg.preprocess_actors * cfg.actor_cpus, ray.cluster_resources().get("CPU", 0)
-            if need > have:  # the pool would wait forever for actors that cannot be scheduled
-                raise UserError(f"data.preprocess_actors x data.actor_cpus = {need:g} CPUs, but the Ray cluster has "
-                                f"{have:g}; lower preprocess_actors or actor_cpus (e.g. 0.5)")
+            ray_started = ensure_ray_for_pool(cfg)
             tables = _ray_tables(chunks, cfg, tokenizer_dir)
         else:
             tables = _local_tables(chunks, cfg, tokenizer_dir) if chunks else (t for t in ())
@@ -314,6 +306,24 @@ def prepare_corpus(cfg, tokenizer_dir: str, output_dir: str, seed: int = 42, pro
         json.dump(manifest, f, ensure_ascii=False, indent=2)
     os.replace(os.path.join(output_dir, "manifest.json.tmp"), os.path.join(output_dir, "manifest.json"))
     return manifest
+
+
+def ensure_ray_for_pool(cfg) -> bool:
+    """Start a private local Ray if none is running (returns True when this call started it), and refuse a
+    preprocessing pool the cluster could never schedule: it would wait forever for its actors."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(**local_ray_options(max(2, min(4, os.cpu_count() or 2))))
+        started = True
+    need, have = cfg.preprocess_actors * cfg.actor_cpus, ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        if started:
+            ray.shutdown()
+        raise UserError(f"data.preprocess_actors x data.actor_cpus = {need:g} CPUs, but the Ray cluster has "
+                        f"{have:g}; lower preprocess_actors or actor_cpus (e.g. 0.5)")
+    return started
 
 
 def check_counts(manifest: dict) -> list[str]:

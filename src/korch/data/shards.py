@@ -28,11 +28,14 @@ def sha256_file(path: str) -> str:
 class ShardWriter:
     """Writes blocks to `<dir>/part-NNNNN.parquet`, a row group every `group_rows`, a new shard every `shard_rows`.
 
-    Row groups are the unit `train_dataset` shuffles and reads, so they are kept small (1024 rows).
+    Row groups are the unit each epoch's plan shuffles and workers read, so they are kept small (1024 rows).
+    `schema` is the packed-block schema unless a task writes other rows (labelled records).
     """
 
-    def __init__(self, directory: str, rel_prefix: str, group_rows: int = 1024, shard_rows: int = 65536):
+    def __init__(self, directory: str, rel_prefix: str, group_rows: int = 1024, shard_rows: int = 65536,
+                 schema: pa.Schema | None = None):
         self.directory, self.rel_prefix = directory, rel_prefix
+        self.schema = schema if schema is not None else BLOCK_SCHEMA
         self.group_rows, self.shard_rows = group_rows, shard_rows
         os.makedirs(directory, exist_ok=True)
         self.buffer: list[dict] = []
@@ -55,9 +58,9 @@ class ShardWriter:
             return
         if self.writer is None:
             name = f"part-{len(self.shards):05d}.parquet"
-            self.writer = pq.ParquetWriter(os.path.join(self.directory, name), BLOCK_SCHEMA, compression="zstd")
+            self.writer = pq.ParquetWriter(os.path.join(self.directory, name), self.schema, compression="zstd")
             self.current_name, self.current_rows, self.current_groups = name, 0, []
-        table = pa.Table.from_pylist(self.buffer, schema=BLOCK_SCHEMA)
+        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
         self.writer.write_table(table, row_group_size=len(self.buffer))
         self.current_rows += len(self.buffer)
         self.current_groups.append(len(self.buffer))
