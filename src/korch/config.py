@@ -122,6 +122,8 @@ class DataConfig(_Strict):
     """Ray Data actors running Kiwi; each holds one ~260 MB `Kiwi`."""
     actor_cpus: float = Field(default=0.5, gt=0)
     """Logical CPUs per preprocessing actor; fractions keep small machines from deadlocking."""
+    train_on_validation: bool = False
+    """Labelled tasks: train on the training rows plus the validation rows (`validation_inputs`, or what `validation_fraction` holds out) and hold nothing out, as a full-data retrain does."""
     validation_inputs: list[str] = []
     """Labelled tasks: validation files. Unset: a seeded, stratified `validation_fraction` split of `inputs`."""
     text_column: str | None = None
@@ -166,7 +168,9 @@ class TrainConfig(_Strict):
     seed: int = 42
     """Seed for init, data order, masking and dropout. Two fresh runs of a job with the same seed give the same run: byte-identical tokenizer and shards, the same losses and (on CPU) weights."""
     epochs: int | None = Field(default=None, ge=1)
-    """Passes over the training data. Set this, `max_steps`, or both (whichever ends first)."""
+    """Passes over the training data. Set this, `max_steps`, `epochs_from`, or a combination (whichever ends first)."""
+    epochs_from: str | None = None
+    """An earlier stage whose best epoch count this stage trains for: the epoch its `eval.select_best` picked, else the epochs it ran. For a full-data retrain (with `data.train_on_validation`); overrides `epochs`."""
     max_steps: int | None = Field(default=None, ge=1)
     """Optimizer steps to run."""
     micro_batch_size: int = Field(default=8, ge=1)
@@ -192,8 +196,8 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _has_length(self) -> "TrainConfig":
-        if self.epochs is None and self.max_steps is None:
-            raise ValueError("set train.epochs or train.max_steps (or both) so the stage has an end")
+        if self.epochs is None and self.max_steps is None and self.epochs_from is None:
+            raise ValueError("set train.epochs, train.max_steps or train.epochs_from so the stage has an end")
         return self
 
 
@@ -266,8 +270,8 @@ class _StageBase(_Strict):
     """Stage name; outputs go to RUNS/<job>/<name>/ and `--set stages.<name>.x=y` addresses it."""
     task: str
     """What the stage does; see the task list in the README (`korch tasks`)."""
-    needs: str | None = None
-    """An earlier stage whose `final/` model (and tokenizer) this stage starts from."""
+    needs: str | list[str] | None = None
+    """Earlier stage(s) this stage builds on. A trained stage starts from the `final/` model (and tokenizer) of the one it names, or reads its shards if it is a data_prepare stage; a task that combines models (`ensemble`) names several."""
     model: ModelConfig = ModelConfig()
     """Model to train."""
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -299,6 +303,13 @@ class _StageBase(_Strict):
                 raise ValueError(f"section '{name}' holds options of task {name}, but this stage runs task "
                                  f"{self.task}; remove the section or set task: {name}")
         return self
+
+    @property
+    def needed(self) -> list[str]:
+        """`needs` as a list (empty when unset)."""
+        if self.needs is None:
+            return []
+        return [self.needs] if isinstance(self.needs, str) else list(self.needs)
 
     @property
     def options(self) -> BaseModel | None:
@@ -333,10 +344,14 @@ class JobConfig(_Strict):
         for stage in self.stages:
             if stage.name in seen:
                 raise ValueError(f"stage name '{stage.name}' is used twice; stage names must be unique")
-            if stage.needs is not None and stage.needs not in seen:
-                raise ValueError(f"stage '{stage.name}' needs '{stage.needs}', which is not an earlier stage; "
-                                 f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
-            feeds_data = stage.needs is not None and self.stage(stage.needs).task == "data_prepare"
+            for needed in stage.needed + ([stage.train.epochs_from] if stage.train.epochs_from else []):
+                if needed not in seen:
+                    raise ValueError(f"stage '{stage.name}' needs '{needed}', which is not an earlier stage; "
+                                     f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
+            if TASKS[stage.task].trainer and len(stage.needed) > 1:
+                raise ValueError(f"stage '{stage.name}' (task {stage.task}) starts from one model, but needs names "
+                                 f"{len(stage.needed)} stages; name one (tasks such as ensemble combine several)")
+            feeds_data = len(stage.needed) == 1 and self.stage(stage.needed[0]).task == "data_prepare"
             if TASKS[stage.task].needs_data and not stage.data.inputs and not feeds_data:
                 raise ValueError(f"stage '{stage.name}' (task {stage.task}) needs data.inputs (corpus files or "
                                  "folders), or `needs:` a data_prepare stage")

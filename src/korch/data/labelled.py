@@ -53,7 +53,7 @@ LABELLED_SCHEMA = pa.schema([
     ("row_id", pa.int64()),
 ])
 # Config fields that change the output; resources (actors, CPUs) do not.
-_OUTPUT_FIELDS = ("format", "text_fields", "seq_len", "max_docs", "validation_fraction", "text_column",
+_OUTPUT_FIELDS = ("format", "text_fields", "seq_len", "max_docs", "validation_fraction", "train_on_validation", "text_column",
                   "text_pair_column", "label_column", "columns", "labels", "label_bins")
 _CHUNK_ROWS = 1024  # rows per Ray Data block: ~10-50 ms of tokenising, so per-block overhead stays small
 
@@ -249,6 +249,8 @@ def build_splits(data, seed: int) -> LabelledSplits:
         is_val = stratified_split([r.label for r in train], data.validation_fraction, seed)
         validation = [r for r, v in zip(train, is_val) if v]
         train = [r for r, v in zip(train, is_val) if not v]
+    if data.train_on_validation:  # a full-data retrain: the same split, with its held-out rows trained on too
+        train, validation = train + validation, []
     first = train_sources[0]
     return LabelledSplits(labels, train, validation, skipped, rows_in, first.text_column, first.pair_column,
                           first.label_column)

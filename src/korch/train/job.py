@@ -113,6 +113,7 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
                 events.event("skip", reason="finished earlier; use --fresh to run it again")
                 summaries[stage.name] = json.loads((stage_dir / SUMMARY).read_text())
                 continue
+            stage = resolve_epochs_from(stage, job_dir)
             ctx = _stage_context(job, job_dir, stage, fresh, from_checkpoint)
             if not ray_ready:
                 ray_mode, ray_ready = start_ray(job, address), True
@@ -134,17 +135,44 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
     return summaries
 
 
+def best_epoch_count(summary: dict) -> int | None:
+    """The epochs a finished stage's best model had trained: its `select_best` pick, else all it ran."""
+    best = (summary.get("eval") or {}).get("best") or {}
+    if best.get("best_epoch"):
+        return int(best["best_epoch"])
+    epochs = summary.get("epochs")
+    return max(1, round(float(epochs))) if epochs else None
+
+
+def resolve_epochs_from(stage: StageConfig, job_dir: Path) -> StageConfig:
+    """`train.epochs_from: <stage>` becomes a plain `train.epochs` once that stage has finished."""
+    source = stage.train.epochs_from
+    if not source:
+        return stage
+    summary_file = job_dir / source / SUMMARY
+    if not summary_file.is_file():
+        raise UserError(f"stage {stage.name}: train.epochs_from '{source}' has not finished ({summary_file} is "
+                        f"missing); run stage {source} first")
+    epochs = best_epoch_count(json.loads(summary_file.read_text()))
+    if epochs is None:
+        raise UserError(f"stage {stage.name}: train.epochs_from '{source}': its summary records no epoch count; "
+                        "set train.epochs instead")
+    print(f"[korch] {stage.name}: {epochs} epoch(s), the best epoch count of stage {source}", flush=True)
+    return stage.model_copy(update={"train": stage.train.model_copy(update={"epochs": epochs})})
+
+
 def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: bool, from_checkpoint: str | None):
     """What the stage starts from: the `needs` stage's model, or its packed data and tokenizer if it prepared data."""
     from korch.train.runner import StageContext, apply_from_checkpoint
 
-    ctx = StageContext(stage_dir=job_dir / stage.name, fresh_run=fresh)
-    if stage.needs:
-        needed = job_dir / stage.needs
-        if job.stage(stage.needs).task == "data_prepare":
+    ctx = StageContext(stage_dir=job_dir / stage.name, fresh_run=fresh,
+                       needs={name: job_dir / name for name in stage.needed})
+    if stage.needed and TASKS[stage.task].trainer:
+        needed = job_dir / stage.needed[0]
+        if job.stage(stage.needed[0]).task == "data_prepare":
             ctx.extra["prepared_data"] = str(needed / "data")
             # The shards hold that stage's token ids: train with its tokenizer, trained there or given by path.
-            prepare = job.stage(stage.needs)
+            prepare = job.stage(stage.needed[0])
             if not stage.tokenizer.path:
                 if (needed / "tokenizer" / "tokenizer.json").exists():
                     ctx.tokenizer_dir = str(needed / "tokenizer")
@@ -153,8 +181,8 @@ def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: boo
         elif (needed / "final" / "config.json").exists():
             ctx.start_from = str(needed / "final")
         else:
-            raise UserError(f"stage {stage.name} needs '{stage.needs}', but {needed / 'final'} holds no model; "
-                            f"run stage {stage.needs} first")
+            raise UserError(f"stage {stage.name} needs '{stage.needed[0]}', but {needed / 'final'} holds no model; "
+                            f"run stage {stage.needed[0]} first")
     if from_checkpoint:
         apply_from_checkpoint(ctx, from_checkpoint)
     return ctx

@@ -196,7 +196,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 evaluation = evaluate()
                 if is_rank_zero:
                     log.evaluation.remote({"step": global_step, "epoch": epoch_mark, **evaluation})
-                if selection.offer(evaluation, global_step):
+                if selection.offer(evaluation, global_step, epoch + 1):
                     _export(engine, task, Path(cfg.stage_dir) / "best", is_rank_zero)
                     if is_rank_zero:
                         log.event.remote("best", step=global_step, attempt=attempt, **selection.describe())
@@ -218,7 +218,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 raise RuntimeError("the data ran out before the planned steps of the epoch; the dataset changed?")
 
     ray.get(log.flush.remote())  # this rank's log rows are written before the driver stops the actor
-    summary: dict[str, Any] = {"step": global_step, "loss": last_loss, **_optimizer_bytes(optimizer)}
+    summary: dict[str, Any] = {"step": global_step, "loss": last_loss, "epochs": round(global_step / steps_per_epoch, 4),
+                               **_optimizer_bytes(optimizer)}
     if cfg.has_validation and cfg.eval.every != "never":
         if not evaluation:  # `end`, or training stopped between epoch ends
             evaluation = evaluate()
@@ -249,9 +250,10 @@ class _Selection:
         self.greater = bool(direction)
         self.best = state.get("best_metric")
         self.best_step = state.get("best_step")
+        self.best_epoch = state.get("best_epoch")
         self.misses = int(state.get("evals_without_improvement", 0))
 
-    def offer(self, evaluation: dict, step: int) -> bool:
+    def offer(self, evaluation: dict, step: int, epoch: int) -> bool:
         """True when this evaluation is the new best (so the caller exports `best/`)."""
         if not self.enabled:
             return False
@@ -260,7 +262,7 @@ class _Selection:
                              f"{', '.join(sorted(evaluation))}")
         value = float(evaluation[self.metric])
         if is_improvement(value, self.best, self.greater):
-            self.best, self.best_step, self.misses = value, step, 0
+            self.best, self.best_step, self.best_epoch, self.misses = value, step, epoch, 0
             return True
         self.misses += 1
         return False
@@ -269,10 +271,11 @@ class _Selection:
         return self.patience is not None and self.misses >= self.patience
 
     def state(self) -> dict:
-        return {"best_metric": self.best, "best_step": self.best_step, "evals_without_improvement": self.misses}
+        return {"best_metric": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch,
+                "evals_without_improvement": self.misses}
 
     def describe(self) -> dict:
-        return {"metric": self.metric, "value": self.best, "best_step": self.best_step}
+        return {"metric": self.metric, "value": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch}
 
 
 def _evaluate(engine, task, plan, rank: int, world_size: int, device, micro_batch_size: int,

@@ -25,10 +25,12 @@ class StageContext:
 
     stage_dir: Path
     start_from: str | None = None
-    """The `final/` folder of the stage named in `needs`."""
+    """The `final/` folder of the (trained) stage named in `needs`."""
     tokenizer_dir: str | None = None
     resume_from: str | None = None
     """A korch checkpoint folder (state.json + safetensors) to continue from (`--from-checkpoint`)."""
+    needs: dict[str, Path] = field(default_factory=dict)
+    """Every stage named in `needs`, in order: name -> its stage folder."""
     fresh_run: bool = False
     """Start a new Ray run name instead of resuming the stage's last one."""
     extra: dict[str, Any] = field(default_factory=dict)
