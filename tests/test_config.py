@@ -185,3 +185,43 @@ def test_labelled_and_eval_rules(tmp_path, override, words):
     path = _write(tmp_path, CLASSIFY.format(data=DATA / "nsmc" / "ratings_train.head5000.txt"))
     with pytest.raises(SpecError, match=words):
         load_job(path, [override])
+
+
+def test_a_wildcard_override_sets_every_stage(tmp_path):
+    text = _good(tmp_path) + ("  - {name: ft, task: mlm, needs: mlm, train: {max_steps: 5}, data: {inputs: ["
+                              + str(DATA / "nsmc") + "]}}\n")
+    job = load_job(_write(tmp_path, text), ["stages.*.distributed={num_workers: 3, cpus_per_worker: 0.5}",
+                                            "stages.*.train.lr=1e-3", "stages.ft.train.lr=5e-4"])
+    assert [s.distributed.num_workers for s in job.stages] == [3, 3]
+    assert [s.distributed.cpus_per_worker for s in job.stages] == [0.5, 0.5]
+    assert [s.train.lr for s in job.stages] == [1e-3, 5e-4]  # later overrides win
+
+
+RETRAIN = CLASSIFY + """\
+    eval: {{every: epoch, select_best: accuracy}}
+  - name: other
+    task: classify
+    data: {{inputs: [{data}], text_column: document}}
+    train: {{epochs: 2}}
+  - name: retrain
+    task: classify
+    retrain_of: [cls, other]
+  - name: again
+    task: classify
+    data: {{inputs: [{data}], text_column: document, train_on_validation: true}}
+    train: {{epochs_from: cls}}
+"""
+
+
+def test_retrain_stages_validate_and_name_earlier_stages(tmp_path):
+    data = DATA / "nsmc" / "ratings_train.head5000.txt"
+    job = load_job(_write(tmp_path, RETRAIN.format(data=data)))
+    assert job.stage("retrain").retrain_of == ["cls", "other"]
+    assert job.stage("again").train.epochs_from == "cls" and job.stage("again").data.train_on_validation
+    with pytest.raises(SpecError, match="retrain_of 'later', which is not an earlier stage"):
+        load_job(_write(tmp_path, RETRAIN.format(data=data).replace("[cls, other]", "[cls, later]")))
+    with pytest.raises(SpecError, match="needs 'nope', which is not an earlier stage"):
+        load_job(_write(tmp_path, RETRAIN.format(data=data).replace("epochs_from: cls", "epochs_from: nope")))
+    with pytest.raises(SpecError, match="starts from one model, but needs names 2"):
+        load_job(_write(tmp_path, RETRAIN.format(data=data) + "  - {name: x, task: classify, needs: [cls, other], "
+                        f"data: {{inputs: [{data}]}}}}\n"))

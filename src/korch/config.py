@@ -187,6 +187,8 @@ class TrainConfig(_Strict):
     """Decay after warm-up."""
     max_grad_norm: float = Field(default=1.0, ge=0)
     """Gradient clipping norm (0 turns clipping off)."""
+    swa_epochs: int | None = Field(default=None, ge=1)
+    """Stochastic weight averaging: average the weights of the last K epoch ends (equal weights, as `torch.optim.swa_utils.AveragedModel`) into `swa/`, evaluated beside `best/` (`eval.json` key `swa`). Works under ZeRO 0-3 and survives resumes."""
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
     """Checkpoint every N optimizer steps (one is also taken at each epoch end and at the end)."""
     keep_checkpoints: int = Field(default=2, ge=1)
@@ -272,6 +274,8 @@ class _StageBase(_Strict):
     """What the stage does; see the task list in the README (`korch tasks`)."""
     needs: str | list[str] | None = None
     """Earlier stage(s) this stage builds on. A trained stage starts from the `final/` model (and tokenizer) of the one it names, or reads its shards if it is a data_prepare stage; a task that combines models (`ensemble`) names several."""
+    retrain_of: str | list[str] | None = None
+    """Full-data retrain: run the spec of this earlier stage (or of the best of these, by their `eval.select_best` value) on train + validation (`data.train_on_validation`) for its best epoch count, with no held-out evaluation. The stage's own `distributed` section applies when set; its other sections are ignored."""
     model: ModelConfig = ModelConfig()
     """Model to train."""
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -348,6 +352,17 @@ class JobConfig(_Strict):
                 if needed not in seen:
                     raise ValueError(f"stage '{stage.name}' needs '{needed}', which is not an earlier stage; "
                                      f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
+            retrain_of = [stage.retrain_of] if isinstance(stage.retrain_of, str) else list(stage.retrain_of or [])
+            for source in retrain_of:
+                if source not in seen:
+                    raise ValueError(f"stage '{stage.name}' retrain_of '{source}', which is not an earlier stage; "
+                                     f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
+                if self.stage(source).task != stage.task or not TASKS[stage.task].trainer:
+                    raise ValueError(f"stage '{stage.name}' (task {stage.task}) retrain_of '{source}', a "
+                                     f"{self.stage(source).task} stage; retrain a trained stage of the same task")
+            if retrain_of:
+                seen.add(stage.name)
+                continue
             if TASKS[stage.task].trainer and len(stage.needed) > 1:
                 raise ValueError(f"stage '{stage.name}' (task {stage.task}) starts from one model, but needs names "
                                  f"{len(stage.needed)} stages; name one (tasks such as ensemble combine several)")
@@ -391,7 +406,8 @@ def parse_yaml(text: str, path: str) -> Any:
 
 
 def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
-    """Apply `a.b=c` overrides to the raw dict; values are parsed as YAML. `stages.<name>` picks a stage by name."""
+    """Apply `a.b=c` overrides to the raw dict; values are parsed as YAML. `stages.<name>` picks a stage by name,
+    `stages.*` every stage."""
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -411,6 +427,11 @@ def apply_overrides(raw: dict, overrides: list[str], path: str) -> dict:
 def _set_path(node: Any, parts: list[str], value: Any) -> None:
     *parents, last = parts
     for i, part in enumerate(parents):
+        if isinstance(node, list) and part == "*":  # `stages.*.x=y`: every stage
+            for stage in node:
+                if isinstance(stage, dict):
+                    _set_path(stage, parts[i + 1:], value)
+            return
         if isinstance(node, list):
             node = _stage_by_name(node, part)
         else:

@@ -37,6 +37,9 @@ def nsmc_tiny(tmp_path_factory) -> tuple[Path, float]:
 
 
 def test_nsmc_tiny_trains_evaluates_each_epoch_and_keeps_the_best(nsmc_tiny):
+    import torch
+    from safetensors.torch import load_file
+
     stage, seconds = nsmc_tiny
     metrics = read_jsonl(stage / "metrics.jsonl")
     evaluations = [m for m in metrics if "val_macro_f1" in m]
@@ -51,9 +54,18 @@ def test_nsmc_tiny_trains_evaluates_each_epoch_and_keeps_the_best(nsmc_tiny):
     assert "best" in events and events[-1] == "finish"
     manifest = json.loads((stage / "data" / "manifest.json").read_text())
     assert manifest["labels"] == ["negative", "positive"] and manifest["splits"]["validation"]["rows"] == 500
-    for folder in ("final", "best"):
+    for folder in ("final", "best", "swa"):
         config = json.loads((stage / folder / "config.json").read_text())
         assert config["id2label"] == {"0": "negative", "1": "positive"}
+    # swa/ is the equal mean of the last two epoch ends' weights, which checkpoint-<step>/ folders also hold.
+    assert evaluation["swa"]["epochs"] == [2, 3] and evaluation["swa"]["rows"] == 500
+    steps = sorted(int(p.name.split("-")[1]) for p in stage.glob("checkpoint-*"))
+    assert len(steps) == 3, steps
+    swa, second, third = (load_file(str(stage / folder / "model.safetensors"))
+                          for folder in ("swa", f"checkpoint-{steps[1]}", f"checkpoint-{steps[2]}"))
+    assert swa.keys() == second.keys()
+    for name, value in swa.items():
+        torch.testing.assert_close(value, (second[name] + third[name]) / 2, atol=1e-6, rtol=0)
     print(f"nsmc_tiny: {seconds:.0f} s, eval {evaluation}")
 
 
@@ -84,19 +96,20 @@ def test_predict_agrees_with_the_transformers_pipeline(nsmc_tiny, tmp_path):
 
 
 def test_a_worker_failure_resumes_to_the_uninterrupted_run(nsmc_tiny, tmp_path):
-    """The same job, but rank 1 dies at step 25: it resumes from the step-20 checkpoint, and every logged loss,
-    every epoch's evaluation, the best epoch and the final weights equal the uninterrupted run's."""
+    """The same job, but rank 1 dies at step 165 (in epoch 3): it resumes from the step-160 checkpoint, and every
+    logged loss, every epoch's evaluation, the best epoch and the final, best and SWA weights (whose window of
+    epochs 1-2 came back from the checkpoint) equal the uninterrupted run's."""
     import torch
     from safetensors.torch import load_file
 
     clean_stage, _ = nsmc_tiny
-    faulty = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path), env={"KORCH_FAIL_AT_STEP": "25"})
+    faulty = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path), env={"KORCH_FAIL_AT_STEP": "165"})
     assert faulty.returncode == 0, faulty.stderr[-3000:]
     faulty_stage = tmp_path / "nsmc-tiny" / "classify"
     events = read_jsonl(faulty_stage / "events.jsonl")
-    assert [e["step"] for e in events if e["event"] == "failure"] == [25]
+    assert [e["step"] for e in events if e["event"] == "failure"] == [165]
     resumes = [e for e in events if e["event"] == "resume"]
-    assert [(e["from_step"], e["attempt"]) for e in resumes] == [(20, 2)]
+    assert [(e["from_step"], e["attempt"]) for e in resumes] == [(160, 2)]
 
     def by_step(stage_dir):
         rows = {}
@@ -113,7 +126,8 @@ def test_a_worker_failure_resumes_to_the_uninterrupted_run(nsmc_tiny, tmp_path):
     clean_eval, faulty_eval = (json.loads((d / "eval.json").read_text()) for d in (clean_stage, faulty_stage))
     assert faulty_eval["best"]["best_step"] == clean_eval["best"]["best_step"]
     assert faulty_eval["best"]["value"] == pytest.approx(clean_eval["best"]["value"], abs=1e-6)
-    for folder in ("final", "best"):
+    assert faulty_eval["swa"]["accuracy"] == pytest.approx(clean_eval["swa"]["accuracy"], abs=1e-6)
+    for folder in ("final", "best", "swa"):
         clean_weights = load_file(str(clean_stage / folder / "model.safetensors"))
         faulty_weights = load_file(str(faulty_stage / folder / "model.safetensors"))
         assert clean_weights.keys() == faulty_weights.keys()

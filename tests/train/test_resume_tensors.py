@@ -60,3 +60,10 @@ def test_the_next_step_after_a_restore_matches_the_uninterrupted_run(resume_runs
     (diffs,) = [value for key, value in found.items() if key.startswith("after_")]
     worst = max(diffs.values())
     assert worst < NEXT_STEP_ATOL, {k: v for k, v in diffs.items() if v >= NEXT_STEP_ATOL}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("run", ["A", *sorted(RESTORES)])
+def test_full_weights_go_into_a_live_engine_for_swa(resume_runs, run, stage):
+    """SWA evaluates its averaged weights in the running engine: that works whatever ZeRO partitions."""
+    assert resume_runs[run][f"zero{stage}"]["swa_forward"] < 1e-5

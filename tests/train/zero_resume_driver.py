@@ -13,7 +13,9 @@ checkpoint code (`gather_full_state`, `write_checkpoint`, `read_checkpoint`, `lo
 Every global batch has 6 samples, split evenly across 1, 2 or 6 workers; every token is a label and dropout
 is off, so one optimizer step is the same maths whatever the worker count. Rank 0 writes what it found to
 OUT/<run>.json: the largest difference per gathered tensor against the checkpoint, the Adam steps, and the
-largest difference after the shared next step against the reference.
+largest difference after the shared next step against the reference. Last, each engine takes a set of full
+weights through `korch.train.swa.load_full_weights` (how SWA's average goes into a live engine) and its
+forward is compared with a plain model holding the same weights.
 
     python tests/train/zero_resume_driver.py OUT
 """
@@ -117,10 +119,31 @@ def worker(config: dict) -> None:
                 save_file({k: v.contiguous() for k, v in got_w.items()}, str(reference))
             elif action == "compare":
                 found[f"after_{done}"] = _max_diff(got_w, load_file(str(reference)))
+        found["swa_forward"] = _swa_forward_diff(engine, optimizer, rank, world)
         report[f"zero{stage}"] = found
         del engine, optimizer, model
     if rank == 0:
         (out / f"{config['name']}.json").write_text(json.dumps(report))
+
+
+def _swa_forward_diff(engine, optimizer, rank: int, world: int) -> float:
+    """Collective. Largest logit difference between the engine after `load_full_weights` and a plain model."""
+    import torch
+
+    from korch.train import checkpoint as ckpt
+    from korch.train.swa import load_full_weights
+
+    current, _, _ = ckpt.gather_full_state(engine.module, optimizer)
+    target = {name: value * 0.5 + 0.01 for name, value in current.items()}  # any weights unlike the live ones
+    load_full_weights(engine.module, target)
+    inputs, _ = _batch(99, rank, world)
+    engine.eval()
+    with torch.no_grad():
+        got = engine(input_ids=inputs).logits
+        plain = _tiny_bert()
+        ckpt.load_weights_into(plain, target)
+        expected = plain.eval()(input_ids=inputs).logits
+    return float((got - expected).abs().max())
 
 
 def main(out: str) -> None:

@@ -21,6 +21,7 @@ import yaml
 from korch.config import JobConfig, StageConfig
 from korch.errors import UserError
 from korch.tasks import TASKS
+from korch.train.retrain import resolve_retrain
 from korch.train.runlog import RunLog
 
 SUMMARY = "summary.json"
@@ -113,7 +114,10 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
                 events.event("skip", reason="finished earlier; use --fresh to run it again")
                 summaries[stage.name] = json.loads((stage_dir / SUMMARY).read_text())
                 continue
-            stage = resolve_epochs_from(stage, job_dir)
+            stage = resolve_retrain(job, stage, job_dir)
+            if stage is not job.stage(stage.name):  # record what a retrain actually runs
+                (stage_dir / "job.yaml").write_text(yaml.safe_dump(
+                    {"name": job.name, "stages": [stage.model_dump(mode="json")]}, sort_keys=False, allow_unicode=True))
             ctx = _stage_context(job, job_dir, stage, fresh, from_checkpoint)
             if not ray_ready:
                 ray_mode, ray_ready = start_ray(job, address), True
@@ -133,32 +137,6 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
 
             ray.shutdown()
     return summaries
-
-
-def best_epoch_count(summary: dict) -> int | None:
-    """The epochs a finished stage's best model had trained: its `select_best` pick, else all it ran."""
-    best = (summary.get("eval") or {}).get("best") or {}
-    if best.get("best_epoch"):
-        return int(best["best_epoch"])
-    epochs = summary.get("epochs")
-    return max(1, round(float(epochs))) if epochs else None
-
-
-def resolve_epochs_from(stage: StageConfig, job_dir: Path) -> StageConfig:
-    """`train.epochs_from: <stage>` becomes a plain `train.epochs` once that stage has finished."""
-    source = stage.train.epochs_from
-    if not source:
-        return stage
-    summary_file = job_dir / source / SUMMARY
-    if not summary_file.is_file():
-        raise UserError(f"stage {stage.name}: train.epochs_from '{source}' has not finished ({summary_file} is "
-                        f"missing); run stage {source} first")
-    epochs = best_epoch_count(json.loads(summary_file.read_text()))
-    if epochs is None:
-        raise UserError(f"stage {stage.name}: train.epochs_from '{source}': its summary records no epoch count; "
-                        "set train.epochs instead")
-    print(f"[korch] {stage.name}: {epochs} epoch(s), the best epoch count of stage {source}", flush=True)
-    return stage.model_copy(update={"train": stage.train.model_copy(update={"epochs": epochs})})
 
 
 def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: bool, from_checkpoint: str | None):

@@ -87,6 +87,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     from korch.tasks import TASKS
     from korch.tasks.base import batch_generator
     from korch.train import checkpoint as ckpt
+    from korch.train.swa import SwaWindow, load_full_weights
 
     cfg = TrainLoopConfig.model_validate(config)
     context = ray.train.get_context()
@@ -117,6 +118,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     state: dict[str, Any] = {"step": 0}
     if resume_dir:
         weights, moments, state = ckpt.read_checkpoint(resume_dir)
+    swa = SwaWindow.read(resume_dir, train.swa_epochs, state)
 
     torch.manual_seed(train.seed)
     model = task.build_model(cfg.start_from)
@@ -204,7 +206,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 engine.train()
             if epoch_end or global_step == total_steps or stopped_early or (
                     train.checkpoint_every_steps and global_step % train.checkpoint_every_steps == 0):
-                _save(engine, optimizer, scheduler, task, cfg, rank, attempt, log,
+                _save(engine, optimizer, scheduler, task, cfg, rank, attempt, log, swa,
                       {"step": global_step, "epoch": epoch + (1 if epoch_end else 0), "loss": last_loss,
                        "world_size": world_size, "seed": train.seed, "stopped_early": stopped_early,
                        **selection.state()},
@@ -229,6 +231,15 @@ def train_loop_per_worker(config: dict) -> dict | None:
     _export(engine, task, Path(cfg.stage_dir) / "final", is_rank_zero)
     engine.eval()
     probe = task.probe(engine, device)  # ZeRO-3 forward is collective: every rank joins it
+    if swa.snapshots:
+        averaged = swa.average()
+        if is_rank_zero:
+            ckpt.atomic_publish(lambda d: _write_hf(engine.module, task, averaged, d), Path(cfg.stage_dir) / "swa")
+        if "eval" in summary:  # evaluated beside best/: the averaged weights go into the live engine last
+            load_full_weights(engine.module, averaged)
+            summary["eval"]["swa"] = dict(evaluate(), epochs=swa.epochs)
+        if is_rank_zero:
+            log.event.remote("swa", step=global_step, attempt=attempt, epochs=swa.epochs)
     if is_rank_zero:
         if probe is not None:
             summary["probe_logits"] = probe
@@ -337,7 +348,7 @@ def _memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _save(engine, optimizer, scheduler, task, cfg: TrainLoopConfig, rank: int, attempt: int, log, state: dict,
+def _save(engine, optimizer, scheduler, task, cfg: TrainLoopConfig, rank: int, attempt: int, log, swa, state: dict,
           export_hf: bool) -> None:
     import tempfile
 
@@ -347,9 +358,12 @@ def _save(engine, optimizer, scheduler, task, cfg: TrainLoopConfig, rank: int, a
 
     weights, moments, adam_step = ckpt.gather_full_state(engine.module, optimizer)
     state = dict(state, adam_step=adam_step, lr=scheduler.get_last_lr()[0])
+    if export_hf:  # an epoch end: the SWA window takes these weights (every rank, all hold them in full)
+        swa.add(int(state["epoch"]), weights)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
+            state.update(swa.write(tmp))
             ckpt.write_checkpoint(tmp, weights, moments, state)
             if export_hf:
                 target = Path(cfg.stage_dir) / f"checkpoint-{state['step']}"
