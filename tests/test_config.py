@@ -225,3 +225,10 @@ def test_retrain_stages_validate_and_name_earlier_stages(tmp_path):
     with pytest.raises(SpecError, match="starts from one model, but needs names 2"):
         load_job(_write(tmp_path, RETRAIN.format(data=data) + "  - {name: x, task: classify, needs: [cls, other], "
                         f"data: {{inputs: [{data}]}}}}\n"))
+
+
+def test_an_override_changes_one_stage_even_through_a_yaml_alias(tmp_path):
+    text = _good(tmp_path).replace("    train: {max_steps: 10, lr: 2e-5}", "    train: &shared {max_steps: 10, lr: 2e-5}")
+    text += "  - {name: ft, task: mlm, needs: mlm, train: *shared, data: {inputs: [" + str(DATA / "nsmc") + "]}}\n"
+    job = load_job(_write(tmp_path, text), ["stages.ft.train.lr=1e-3"])
+    assert [s.train.lr for s in job.stages] == [2e-5, 1e-3]

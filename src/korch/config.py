@@ -453,6 +453,16 @@ def _stage_by_name(stages: list, key: str) -> dict:
     raise KeyError(f"no stage named '{key}'; stages: {', '.join(map(str, names))}")
 
 
+def _unshare(node: Any) -> Any:
+    """A copy in which YAML anchors' aliases are separate objects, so `--set stages.a.train.lr=...` changes stage
+    a only, even where its `train:` is `*shared` (copy.deepcopy would keep the sharing)."""
+    if isinstance(node, dict):
+        return {key: _unshare(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshare(value) for value in node]
+    return node
+
+
 def load_raw(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     path = str(path)
     try:
@@ -461,7 +471,7 @@ def load_raw(path: str | os.PathLike, overrides: list[str] | None = None) -> dic
         raise SpecError(path, ["file does not exist; give the path of a job YAML, e.g. jobs/quickstart.yaml"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(path, [f"cannot read the file: {exc}"]) from None
-    raw = parse_yaml(text, path)
+    raw = _unshare(parse_yaml(text, path))
     if not isinstance(raw, dict):
         raise SpecError(path, ["the top level must be a mapping with `name` and `stages`"])
     return apply_overrides(raw, list(overrides or []), path)
