@@ -24,6 +24,8 @@ def test_the_average_is_the_hand_average():
     torch.testing.assert_close(averaged["b"], (snaps[0]["b"] + snaps[1]["b"] + snaps[2]["b"]) / 3)
     assert averaged["steps"].tolist() == [3]  # integer buffers: the latest, not a mean
     assert averaged["w"].dtype == torch.float32
+    reordered = dict(reversed(list(snaps[2].items())))  # as read back from safetensors: sorted, not model order
+    torch.testing.assert_close(average_weights([snaps[1], reordered])["w"], (snaps[1]["w"] + snaps[2]["w"]) / 2)
 
 
 def test_the_average_matches_torch_averaged_model():

@@ -25,7 +25,7 @@ def average_weights(snapshots: list[Mapping[str, torch.Tensor]]) -> dict[str, to
         raise ValueError("nothing to average")
     keys = list(snapshots[0])
     for snapshot in snapshots[1:]:
-        if list(snapshot) != keys:
+        if set(snapshot) != set(keys):  # order may differ: a window read back from safetensors is sorted by name
             raise ValueError("snapshots hold different parameters; they come from different models")
     averaged = {}
     for key in keys:
