@@ -114,13 +114,14 @@ def _save_model(tokenizer, folder: Path, seed: int, pooling: str = "cls", labels
 @pytest.fixture(scope="module")
 def job_dir(tokenizer, tmp_path_factory) -> Path:
     """cls_a: final/ and best/; cls_b: final/ (mean pooling, labels in the other id order); cls_c: corrupt
-    final/; cls_d: never ran."""
+    final/; cls_d: never ran; cls_e: other labels."""
     job = tmp_path_factory.mktemp("runs") / "job"
     _save_model(tokenizer, job / "cls_a" / "final", seed=1)
     _save_model(tokenizer, job / "cls_a" / "best", seed=2)
     _save_model(tokenizer, job / "cls_b" / "final", seed=3, pooling="mean", labels=("pos", "neg"))
     shutil.copytree(job / "cls_a" / "final", job / "cls_c" / "final")
     (job / "cls_c" / "final" / "model.safetensors").write_bytes(b"not a safetensors file")
+    _save_model(tokenizer, job / "cls_e" / "best", seed=4, labels=("bad", "good"))
     return job
 
 
@@ -128,7 +129,7 @@ def _run_stage(job: Path, data_tsv: Path, name: str, **options) -> tuple[dict, P
     from korch.config import StageConfig
     from korch.train.runner import StageContext
 
-    needs = ["cls_a", "cls_b", "cls_c", "cls_d"]
+    needs = ["cls_a", "cls_b", "cls_c", "cls_d", "cls_e"]
     stage = StageConfig.model_validate({
         "name": name, "task": "ensemble", "needs": needs, "ensemble": options,
         "data": {"inputs": [str(data_tsv)], "validation_fraction": 0.25}, "train": {"seed": 7, "max_steps": 1}})
@@ -140,7 +141,7 @@ def _run_stage(job: Path, data_tsv: Path, name: str, **options) -> tuple[dict, P
 def scored(job_dir, data_tsv):
     with pytest.MonkeyPatch.context() as mp:
         lines: list[str] = []
-        mp.setattr("korch.tasks.ensemble._warn", lambda message: lines.append(message))
+        mp.setattr("korch.tasks.ensemble._log", lambda message: lines.append(message))
         summary, stage_dir = _run_stage(job_dir, data_tsv, "ens")
     return summary, stage_dir, lines
 
@@ -155,12 +156,13 @@ def _validation_rows(data_tsv):
 def test_stage_skips_the_corrupt_and_missing_members_and_reweights(scored, job_dir, data_tsv):
     summary, stage_dir, warnings = scored
     skipped = [w for w in warnings if w.startswith("skipping member")]
-    assert len(skipped) == 2 and "cls_c: " in skipped[0] and "cls_d: no swa/, best/, final/" in skipped[1]
+    assert len(skipped) == 3 and "cls_c: " in skipped[0] and "cls_d: no swa/, best/, final/" in skipped[1]
+    assert "cls_e: best: ValueError: its labels [bad, good] differ from the data's [neg, pos]" in skipped[2]
     weights = json.loads((stage_dir / "weights.json").read_text())
-    assert [s["name"] for s in weights["skipped"]] == ["cls_c", "cls_d"]
+    assert [s["name"] for s in weights["skipped"]] == ["cls_c", "cls_d", "cls_e"]
     assert [m["name"] for m in weights["members"]] == ["cls_a", "cls_b"]
     assert sum(m["weight"] for m in weights["members"]) == pytest.approx(1.0)
-    assert summary["skipped"] == ["cls_c", "cls_d"] and set(summary["weights"]) == {"cls_a", "cls_b"}
+    assert summary["skipped"] == ["cls_c", "cls_d", "cls_e"] and set(summary["weights"]) == {"cls_a", "cls_b"}
     # score weights: the members' validation accuracy, normalised
     accuracies = [m["validation"]["accuracy"] for m in weights["members"]]
     assert [m["weight"] for m in weights["members"]] == pytest.approx(normalise_weights(accuracies))

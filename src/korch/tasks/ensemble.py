@@ -152,10 +152,10 @@ def classification_metrics(probs, labels: Sequence[int], names: Sequence[str]) -
             "per_class_f1": {name: float(v) for name, v in zip(names, f1)}, "rows": int(len(truth))}
 
 
-def label_order(member_names: Sequence[str], names: Sequence[str]) -> list[int]:
+def label_order(member_names: Sequence[str], names: Sequence[str], whose: str = "the data's") -> list[int]:
     """For each of `names`, the member's column holding it; ValueError when the label sets differ."""
     if sorted(member_names) != sorted(names) or len(set(member_names)) != len(member_names):
-        raise ValueError(f"its labels [{', '.join(member_names)}] differ from the data's [{', '.join(names)}]")
+        raise ValueError(f"its labels [{', '.join(member_names)}] differ from {whose} [{', '.join(names)}]")
     return [list(member_names).index(name) for name in names]
 
 
@@ -212,7 +212,7 @@ def member_probs(model_dir: str | os.PathLike, texts: Sequence[str], pairs: Sequ
     return names, out
 
 
-def _warn(message: str) -> None:
+def _log(message: str) -> None:
     print(f"[korch] ensemble: {message}", file=sys.stderr, flush=True)
 
 
@@ -266,7 +266,7 @@ def score_members(members: list[_Member], texts, pairs, labels: list[int], names
         errors = {}
         if member.missing is None:
             for candidate, folder in member.folders:
-                _warn(f"scoring {member.name} {candidate} ({folder}) on {len(texts)} validation rows")
+                _log(f"scoring {member.name} {candidate} ({folder}) on {len(texts)} validation rows")
                 try:
                     member_names, probs = member_probs(folder, texts, pairs, batch_size)
                     probs = probs[:, label_order(member_names, names)]
@@ -278,11 +278,11 @@ def score_members(members: list[_Member], texts, pairs, labels: list[int], names
                     member.chosen, member.path, member.probs = candidate, folder, probs
         if member.chosen is None:
             reason = member.missing or "; ".join(f"{c}: {e}" for c, e in errors.items())
-            _warn(f"skipping member {member.name}: {reason}")
+            _log(f"skipping member {member.name}: {reason}")
             skipped.append({"name": member.name, "reason": reason})
         elif errors:
             for candidate, error in errors.items():
-                _warn(f"member {member.name}: ignoring {candidate} ({error})")
+                _log(f"member {member.name}: ignoring {candidate} ({error})")
             member.scores.update({c: {"error": e} for c, e in errors.items()})
     return skipped
 
@@ -371,7 +371,7 @@ def run_ensemble_stage(stage, ctx) -> dict:
     _atomic_write(stage_dir / "predictions.jsonl", "".join(lines))
     write_ensemble_folder(stage_dir / "ensemble", names,
                           [{"name": m.name, "path": m.path, "weight": w} for m, w in zip(used, weights)])
-    _warn(f"{len(used)} member(s), validation accuracy {ensemble_metrics['accuracy']:.4f} "
+    _log(f"{len(used)} member(s), validation accuracy {ensemble_metrics['accuracy']:.4f} "
           f"(best single: {best.name} {best.scores[best.chosen]['accuracy']:.4f})")
     return {"weights": {m.name: w for m, w in zip(used, weights)}, "candidates": {m.name: m.chosen for m in used},
             "skipped": [s["name"] for s in skipped], "accuracy": ensemble_metrics["accuracy"],
@@ -423,9 +423,9 @@ def load_ensemble(folder: str | os.PathLike, check: Callable[[str], tuple[list[s
             if sha256_of(model_file(path)) != entry.get("sha256"):
                 raise ValueError(f"{model_file(path).name} in {path} changed since the ensemble was built (sha256 differs)")
             member_names, max_length = check(path)
-            order = label_order(member_names, labels)
+            order = label_order(member_names, labels, "the ensemble's")
         except (UserError, OSError, ValueError) as exc:
-            _warn(f"skipping member {name}: {exc if isinstance(exc, (UserError, ValueError)) else _reason(exc)}")
+            _log(f"skipping member {name}: {exc if isinstance(exc, (UserError, ValueError)) else _reason(exc)}")
             continue
         usable.append(LoadedMember(name, path, float(entry.get("weight", 1.0)), max_length, order))
     if not usable:
