@@ -1,6 +1,7 @@
 """`korch predict`: one row per input row in order, probabilities that match transformers' own pipeline,
 and one-line exit-2 errors for a missing column or model folder."""
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -83,6 +84,7 @@ def test_tsv_output_has_a_column_per_label(model_dir, tmp_path, monkeypatch):
         probs[:] = np.array([[0.25, 0.75]] * len(texts))
 
     monkeypatch.setattr(predict_module, "_run", fake_run)
+    monkeypatch.setattr(predict_module, "_local_ray", lambda workers: contextlib.nullcontext())
     src = tmp_path / "in.jsonl"
     src.write_text('{"sentence": "좋다"}\n{"sentence": ""}\n', encoding="utf-8")
     out = tmp_path / "sub" / "pred.tsv"

@@ -11,12 +11,17 @@ Output: one row per input row (empty texts are predicted as ""; only lines that 
 on stderr, are left out), with `id` (the `--id-column`, default `id` when present, else the row index),
 `label` (the argmax's `id2label` name) and the probabilities per label name: a `probabilities` object in
 JSONL, one `prob_<name>` column per label in TSV/CSV.
+
+An ensemble folder (`ensemble.json`, written by an `ensemble` stage) runs each member in turn the same way and
+writes the weighted mean of their probabilities; members that are missing or whose weights changed (sha256)
+are skipped with a warning and the rest reweighted (`korch.tasks.ensemble.load_ensemble`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import json
 import math
@@ -169,7 +174,7 @@ def predict(model_dir: str, input_path: str, output_path: str, workers: int = 2,
     if workers < 1 or batch_size < 1:
         raise UserError("--workers and --batch-size must be at least 1")
     model_dir = os.path.abspath(model_dir)
-    names, max_length = _check_model(model_dir)
+    names, members = _load_members(model_dir)
     ids, texts, pairs, bad_lines = _read_input(input_path, text_column, text_pair_column, id_column, fmt, columns)
     if bad_lines:
         print(f"[korch] predict: {bad_lines} line(s) of {input_path} could not be parsed (wrong field count or "
@@ -178,29 +183,58 @@ def predict(model_dir: str, input_path: str, output_path: str, workers: int = 2,
     probs = np.zeros((n, len(names)), dtype=np.float64)
     started = time.perf_counter()
     if n:
-        import ray
+        with _local_ray(workers):
+            parts = []
+            for member in members:
+                if progress and len(members) > 1:
+                    print(f"[korch] predict: ensemble member {member.name} (weight {member.weight:.4f})",
+                          file=sys.stderr, flush=True)
+                part = np.zeros((n, len(member.order)), dtype=np.float64)
+                _run(member.path, member.max_length, texts, pairs, workers, batch_size, part, progress)
+                parts.append(part[:, member.order])
+        from korch.tasks.ensemble import combine
 
-        ray_started = False
-        if not ray.is_initialized():
-            from korch.train.job import init_local_ray
-
-            init_local_ray(max(2, math.ceil(workers * ACTOR_CPUS) + 1))
-            ray_started = True
-        try:
-            have = ray.cluster_resources().get("CPU", 0)
-            if workers * ACTOR_CPUS > have:
-                raise UserError(f"--workers {workers} needs {workers * ACTOR_CPUS:g} CPUs, but the Ray cluster has "
-                                f"{have:g}; lower --workers")
-            _run(model_dir, max_length, texts, pairs, workers, batch_size, probs, progress)
-        finally:
-            if ray_started:
-                ray.shutdown()
+        probs = combine(parts, [m.weight for m in members])
     _write_output(output_path, ids, names, probs)
     summary = {"rows": n, "bad_lines": bad_lines, "labels": names, "output": output_path,
                "seconds": round(time.perf_counter() - started, 2)}
+    if len(members) > 1 or members[0].path != model_dir:
+        summary["members"] = {m.name: m.weight for m in members}
     if progress:
         print(f"[korch] predict: wrote {n} predictions to {output_path} in {summary['seconds']}s", file=sys.stderr, flush=True)
     return summary
+
+
+def _load_members(model_dir: str):
+    """Label names and the models to run: the folder itself, or the members of an ensemble folder (ensemble.json)."""
+    from korch.tasks.ensemble import LoadedMember, is_ensemble, load_ensemble
+
+    if is_ensemble(model_dir):
+        return load_ensemble(model_dir, check=_check_model)
+    names, max_length = _check_model(model_dir)
+    return names, [LoadedMember(os.path.basename(model_dir), model_dir, 1.0, max_length, list(range(len(names))))]
+
+
+@contextlib.contextmanager
+def _local_ray(workers: int):
+    """The running Ray if there is one, else a private local Ray shut down on exit; checks the CPUs suffice."""
+    import ray
+
+    ray_started = False
+    if not ray.is_initialized():
+        from korch.train.job import init_local_ray
+
+        init_local_ray(max(2, math.ceil(workers * ACTOR_CPUS) + 1))
+        ray_started = True
+    try:
+        have = ray.cluster_resources().get("CPU", 0)
+        if workers * ACTOR_CPUS > have:
+            raise UserError(f"--workers {workers} needs {workers * ACTOR_CPUS:g} CPUs, but the Ray cluster has "
+                            f"{have:g}; lower --workers")
+        yield
+    finally:
+        if ray_started:
+            ray.shutdown()
 
 
 def _run(model_dir, max_length, texts, pairs, workers, batch_size, probs, progress) -> None:
@@ -239,7 +273,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="classify a TSV/CSV/JSONL file with a trained model on a Ray Data actor pool")
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face sequence-classification folder (safetensors)")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face sequence-classification folder (safetensors), or an ensemble stage's ensemble/ folder")
     p.add_argument("--input", required=True, metavar="FILE", help="TSV (quoting off), CSV or JSONL with a header / keys")
     p.add_argument("--output", required=True, metavar="FILE", help="predictions: .jsonl (default), .tsv or .csv")
     p.add_argument("--workers", type=int, default=2, help="model actors (each loads the model once; 0.5 CPU each)")

@@ -52,6 +52,7 @@ def register_task(info: TaskInfo) -> None:
 
 def _register_builtin() -> None:
     from korch.tasks.classify import ClassifyOptions
+    from korch.tasks.ensemble import EnsembleOptions
     from korch.tasks.mlm import MlmOptions
 
     train_runner = "korch.train.runner:run_training_stage"
@@ -65,6 +66,11 @@ def _register_builtin() -> None:
     register_task(TaskInfo(
         "data_prepare", "Clean, sentence-split and pack a raw corpus into parquet shards plus manifest.json.",
         "korch.data.stage:run_prepare_stage", rows="none"))
+    register_task(TaskInfo(
+        "ensemble", "Soft voting over trained classifiers (the stages in `needs`): each member's best of swa/best/"
+        "final on the validation split, weights by score, uniform or fitted log-loss; writes an `ensemble/` folder "
+        "that `korch predict` runs.",
+        "korch.tasks.ensemble:run_ensemble_stage", options=EnsembleOptions, rows="labelled"))
 
 
 _register_builtin()
