@@ -232,3 +232,11 @@ def test_an_override_changes_one_stage_even_through_a_yaml_alias(tmp_path):
     text += "  - {name: ft, task: mlm, needs: mlm, train: *shared, data: {inputs: [" + str(DATA / "nsmc") + "]}}\n"
     job = load_job(_write(tmp_path, text), ["stages.ft.train.lr=1e-3"])
     assert [s.train.lr for s in job.stages] == [2e-5, 1e-3]
+
+
+def test_only_trained_stages_need_an_end(tmp_path):
+    text = _good(tmp_path).replace("train: {max_steps: 10, lr: 2e-5}", "train: {lr: 2e-5}")
+    with pytest.raises(SpecError, match="stages.mlm: set train.epochs, train.max_steps or train.epochs_from"):
+        load_job(_write(tmp_path, text))
+    prepare = f"name: t\nstages:\n  - {{name: p, task: data_prepare, train: {{lr: 1e-3}}, data: {{inputs: [{DATA / 'nsmc'}]}}}}\n"
+    assert load_job(_write(tmp_path, prepare)).stages[0].train.lr == 1e-3

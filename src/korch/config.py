@@ -196,11 +196,6 @@ class TrainConfig(_Strict):
     log_every_steps: int = Field(default=10, ge=1)
     """Write a metrics.jsonl line every N optimizer steps."""
 
-    @model_validator(mode="after")
-    def _has_length(self) -> "TrainConfig":
-        if self.epochs is None and self.max_steps is None and self.epochs_from is None:
-            raise ValueError("set train.epochs, train.max_steps or train.epochs_from so the stage has an end")
-        return self
 
 
 class EvalConfig(_Strict):
@@ -302,6 +297,10 @@ class _StageBase(_Strict):
         if mpe is not None and mpe < self.data.seq_len:
             raise ValueError(f"model.max_position_embeddings {mpe} is smaller than data.seq_len "
                              f"{self.data.seq_len}; raise it or lower seq_len")
+        train = self.train
+        if TASKS[self.task].trainer and train.epochs is None and train.max_steps is None and train.epochs_from is None \
+                and self.retrain_of is None:
+            raise ValueError("set train.epochs, train.max_steps or train.epochs_from so the stage has an end")
         for name in TASK_SECTIONS:
             if name != self.task and getattr(self, name, None) is not None:
                 raise ValueError(f"section '{name}' holds options of task {name}, but this stage runs task "
