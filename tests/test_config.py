@@ -185,3 +185,13 @@ def test_labelled_and_eval_rules(tmp_path, override, words):
     path = _write(tmp_path, CLASSIFY.format(data=DATA / "nsmc" / "ratings_train.head5000.txt"))
     with pytest.raises(SpecError, match=words):
         load_job(path, [override])
+
+
+def test_ngram_arch_validates_for_classify_only(tmp_path):
+    path = _write(tmp_path, CLASSIFY.format(data=DATA / "nsmc" / "ratings_train.head5000.txt"))
+    stage = load_job(path, ["stages.cls.model={arch: ngram, size: mini, overrides: {ngram_max: 2, buckets: 4096}}"]).stages[0]
+    assert (stage.model.arch, stage.model.size, stage.model.overrides) == ("ngram", "mini", {"ngram_max": 2, "buckets": 4096})
+    with pytest.raises(SpecError, match="'bert', 'deberta-v2' or 'ngram'"):
+        load_job(path, ["stages.cls.model.arch=fasttext"])
+    with pytest.raises(SpecError, match="model.arch ngram is a classifier"):
+        load_job(_write(tmp_path, _good(tmp_path)), ["stages.mlm.model.arch=ngram"])

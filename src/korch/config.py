@@ -53,8 +53,8 @@ def _resolve_existing(value: str, what: str) -> str:
 
 
 class ModelConfig(_Strict):
-    arch: Literal["bert", "deberta-v2"] = "bert"
-    """Architecture for from-scratch initialisation: `bert` or `deberta-v2` (relative positions, for long sequences)."""
+    arch: Literal["bert", "deberta-v2", "ngram"] = "bert"
+    """Architecture for from-scratch initialisation: `bert`, `deberta-v2` (relative positions, for long sequences) or, for `classify` only, `ngram`: a fastText-style bag of hashed token n-grams (no encoder; `size` sets its width, tiny 64 to large 1024; `overrides` take `ngram_max`, default 3, and `buckets`, default 65536). It trains in seconds on CPU and makes a different ensemble member; it ignores `classify.pooling`, and with `needs:` it uses only the parent's tokenizer (a parent's BERT weights have nothing to continue)."""
     size: Literal["tiny", "mini", "small", "base", "large"] = "tiny"
     """Named size for from-scratch init. `tiny` (hidden 64, 2 layers) runs on a laptop CPU; `base`/`large` are the usual sizes."""
     pretrained: str | None = None
@@ -298,6 +298,9 @@ class _StageBase(_Strict):
         if mpe is not None and mpe < self.data.seq_len:
             raise ValueError(f"model.max_position_embeddings {mpe} is smaller than data.seq_len "
                              f"{self.data.seq_len}; raise it or lower seq_len")
+        if self.model.arch == "ngram" and self.task != "classify":
+            raise ValueError(f"model.arch ngram is a classifier (a bag of n-grams, no encoder), but this stage runs "
+                             f"task {self.task}; use it in a classify stage, or pick bert or deberta-v2")
         for name in TASK_SECTIONS:
             if name != self.task and getattr(self, name, None) is not None:
                 raise ValueError(f"section '{name}' holds options of task {name}, but this stage runs task "
