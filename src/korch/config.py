@@ -54,7 +54,7 @@ def _resolve_existing(value: str, what: str) -> str:
 
 class ModelConfig(_Strict):
     arch: Literal["bert", "deberta-v2", "ngram"] = "bert"
-    """Architecture for from-scratch initialisation: `bert`, `deberta-v2` (relative positions, for long sequences) or, for `classify` only, `ngram`: a fastText-style bag of hashed token n-grams (no encoder; `size` sets its width, tiny 64 to large 1024; `overrides` take `ngram_max`, default 3, and `buckets`, default 65536). It trains in seconds on CPU and makes a different ensemble member; it ignores `classify.pooling`, and with `needs:` it uses only the parent's tokenizer (a parent's BERT weights have nothing to continue)."""
+    """Architecture for from-scratch initialisation: `bert`, `deberta-v2` (relative positions, for long sequences) or, for `classify` only, `ngram`: a fastText-style bag of hashed token n-grams (no encoder; `size` sets its width, tiny 64 to large 1024; `overrides` take `ngram_max`, default 3, and `buckets`, default 65536). A few epochs over NSMC's 4,500 reviews take about a minute of one CPU core, and it makes a different ensemble member; it ignores `classify.pooling`, and with `needs:` it uses only the parent's tokenizer (a BERT parent's weights have nothing to continue; an ngram parent's n-gram table is kept)."""
     size: Literal["tiny", "mini", "small", "base", "large"] = "tiny"
     """Named size for from-scratch init. `tiny` (hidden 64, 2 layers) runs on a laptop CPU; `base`/`large` are the usual sizes."""
     pretrained: str | None = None
