@@ -240,3 +240,13 @@ def test_only_trained_stages_need_an_end(tmp_path):
         load_job(_write(tmp_path, text))
     prepare = f"name: t\nstages:\n  - {{name: p, task: data_prepare, train: {{lr: 1e-3}}, data: {{inputs: [{DATA / 'nsmc'}]}}}}\n"
     assert load_job(_write(tmp_path, prepare)).stages[0].train.lr == 1e-3
+
+
+def test_ngram_arch_validates_for_classify_only(tmp_path):
+    path = _write(tmp_path, CLASSIFY.format(data=DATA / "nsmc" / "ratings_train.head5000.txt"))
+    stage = load_job(path, ["stages.cls.model={arch: ngram, size: mini, overrides: {ngram_max: 2, buckets: 4096}}"]).stages[0]
+    assert (stage.model.arch, stage.model.size, stage.model.overrides) == ("ngram", "mini", {"ngram_max": 2, "buckets": 4096})
+    with pytest.raises(SpecError, match="'bert', 'deberta-v2' or 'ngram'"):
+        load_job(path, ["stages.cls.model.arch=fasttext"])
+    with pytest.raises(SpecError, match="model.arch ngram is a classifier"):
+        load_job(_write(tmp_path, _good(tmp_path)), ["stages.mlm.model.arch=ngram"])

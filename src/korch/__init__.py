@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-# After `import korch`, transformers' Auto classes (and so `pipeline`) load korch's mean/max-pooled classifier
-# folders. The hook registers only once transformers' Auto modules are imported, so `import korch` stays cheap.
+# After `import korch`, transformers' Auto classes (and so `pipeline`) load korch's mean/max-pooled and n-gram
+# classifier folders. The hook registers only once transformers' Auto modules are imported, so `import korch` stays cheap.
 try:
     from korch._hf_auto import install as _install_hf_auto
 

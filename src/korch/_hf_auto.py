@@ -1,9 +1,10 @@
-"""Teach transformers' Auto classes korch's pooled classifier, without importing transformers at `import korch`.
+"""Teach transformers' Auto classes korch's own classifiers (`korch-pooling`, `korch-ngram`), without importing
+transformers at `import korch`.
 
 Registering eagerly would import torch and transformers (~5 s) on every `import korch`, the CLI's `--help`
 included. Instead a post-import hook waits for transformers' Auto modules: once
-`transformers.models.auto.configuration_auto` has run, `AutoConfig` learns `korch-pooling`; once
-`...modeling_auto` has run, `AutoModelForSequenceClassification` learns the model. So `import korch` followed by
+`transformers.models.auto.configuration_auto` has run, `AutoConfig` learns `korch-pooling` and `korch-ngram`; once
+`...modeling_auto` has run, `AutoModelForSequenceClassification` learns the models. So `import korch` followed by
 `pipeline("text-classification", model=folder)` works, and costs nothing until transformers is used.
 
 Standard library only: this module is imported by `korch/__init__.py`.
@@ -16,11 +17,18 @@ import sys
 
 _CONFIG_AUTO = "transformers.models.auto.configuration_auto"
 _MODEL_AUTO = "transformers.models.auto.modeling_auto"
-_CONFIG_OURS = "korch.models.configuration_korch_pooling"
-_MODEL_OURS = "korch.models.modeling_korch_pooling"
+# korch's model types: (config module, config class, model module, model class).
+_OURS = (
+    ("korch.models.configuration_korch_pooling", "KorchPoolingConfig",
+     "korch.models.modeling_korch_pooling", "KorchPoolingForSequenceClassification"),
+    ("korch.models.configuration_korch_ngram", "KorchNgramConfig",
+     "korch.models.modeling_korch_ngram", "KorchNgramForSequenceClassification"),
+)
+_CONFIGS_OURS = tuple(entry[0] for entry in _OURS)
+_MODELS_OURS = tuple(entry[2] for entry in _OURS)
 # korch's own modules are watched too: if a transformers module finishes while one of ours is half-imported (ours
 # imported transformers), registering must wait until ours finishes.
-_WATCHED = (_CONFIG_AUTO, _MODEL_AUTO, _CONFIG_OURS, _MODEL_OURS)
+_WATCHED = (_CONFIG_AUTO, _MODEL_AUTO) + _CONFIGS_OURS + _MODELS_OURS
 _registered: set[str] = set()
 
 
@@ -36,24 +44,30 @@ def _busy(name: str, just_done: str) -> bool:
     return name in sys.modules and not _loaded(name, just_done)
 
 
+def _any_busy(names: tuple[str, ...], just_done: str) -> bool:
+    return any(_busy(name, just_done) for name in names)
+
+
 def _register(just_done: str = "") -> None:
-    """Register whatever can be registered now; each half at most once."""
-    if "config" not in _registered and _loaded(_CONFIG_AUTO, just_done) and not _busy(_CONFIG_OURS, just_done):
+    """Register whatever can be registered now; each half (all configs, all models) at most once."""
+    import importlib
+
+    if ("config" not in _registered and _loaded(_CONFIG_AUTO, just_done)
+            and not _any_busy(_CONFIGS_OURS, just_done)):
         from transformers.models.auto.configuration_auto import AutoConfig
 
-        from korch.models.configuration_korch_pooling import KorchPoolingConfig
-
-        AutoConfig.register(KorchPoolingConfig.model_type, KorchPoolingConfig, exist_ok=True)
+        for config_module, config_name, _, _ in _OURS:
+            config_class = getattr(importlib.import_module(config_module), config_name)
+            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         _registered.add("config")
     if ("model" not in _registered and "config" in _registered and _loaded(_MODEL_AUTO, just_done)
-            and not _busy(_MODEL_OURS, just_done) and not _busy(_CONFIG_OURS, just_done)):
+            and not _any_busy(_MODELS_OURS, just_done) and not _any_busy(_CONFIGS_OURS, just_done)):
         from transformers.models.auto.modeling_auto import AutoModelForSequenceClassification
 
-        from korch.models.configuration_korch_pooling import KorchPoolingConfig
-        from korch.models.modeling_korch_pooling import KorchPoolingForSequenceClassification
-
-        AutoModelForSequenceClassification.register(KorchPoolingConfig, KorchPoolingForSequenceClassification,
-                                                    exist_ok=True)
+        for config_module, config_name, model_module, model_name in _OURS:
+            config_class = getattr(importlib.import_module(config_module), config_name)
+            model_class = getattr(importlib.import_module(model_module), model_name)
+            AutoModelForSequenceClassification.register(config_class, model_class, exist_ok=True)
         _registered.add("model")
 
 
@@ -75,7 +89,7 @@ class _AfterImport:
             except Exception as err:  # never break the user's import of transformers over an optional extra
                 import warnings
 
-                warnings.warn(f"korch could not register its pooled classifier with transformers: {err!r}",
+                warnings.warn(f"korch could not register its classifiers with transformers: {err!r}",
                               stacklevel=2)
 
         spec.loader.exec_module = exec_then_register

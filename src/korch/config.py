@@ -53,8 +53,8 @@ def _resolve_existing(value: str, what: str) -> str:
 
 
 class ModelConfig(_Strict):
-    arch: Literal["bert", "deberta-v2"] = "bert"
-    """Architecture for from-scratch initialisation: `bert` or `deberta-v2` (relative positions, for long sequences)."""
+    arch: Literal["bert", "deberta-v2", "ngram"] = "bert"
+    """Architecture for from-scratch initialisation: `bert`, `deberta-v2` (relative positions, for long sequences) or, for `classify` only, `ngram`: a fastText-style bag of hashed token n-grams (no encoder; `size` sets its width, tiny 64 to large 1024; `overrides` take `ngram_max`, default 3, and `buckets`, default 65536). A few epochs over NSMC's 4,500 reviews take about a minute of one CPU core, and it makes a different ensemble member; it ignores `classify.pooling`, and with `needs:` it uses only the parent's tokenizer (a BERT parent's weights have nothing to continue; an ngram parent's n-gram table is kept)."""
     size: Literal["tiny", "mini", "small", "base", "large"] = "tiny"
     """Named size for from-scratch init. `tiny` (hidden 64, 2 layers) runs on a laptop CPU; `base`/`large` are the usual sizes."""
     pretrained: str | None = None
@@ -301,6 +301,9 @@ class _StageBase(_Strict):
         if TASKS[self.task].trainer and train.epochs is None and train.max_steps is None and train.epochs_from is None \
                 and self.retrain_of is None:
             raise ValueError("set train.epochs, train.max_steps or train.epochs_from so the stage has an end")
+        if self.model.arch == "ngram" and self.task != "classify":
+            raise ValueError(f"model.arch ngram is a classifier (a bag of n-grams, no encoder), but this stage runs "
+                             f"task {self.task}; use it in a classify stage, or pick bert or deberta-v2")
         for name in TASK_SECTIONS:
             if name != self.task and getattr(self, name, None) is not None:
                 raise ValueError(f"section '{name}' holds options of task {name}, but this stage runs task "

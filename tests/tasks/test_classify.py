@@ -28,10 +28,10 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _task(tokenizer, **options) -> ClassifyTask:
+def _task(tokenizer, model=None, **options) -> ClassifyTask:
     info = ClassifyTask.data_info({"labels": ["negative", "positive"], "class_counts": {"train": {"negative": 30, "positive": 10}}},
                                   ClassifyOptions(**options))
-    return ClassifyTask(ClassifyOptions(**options), ModelConfig(size="tiny"), tokenizer, 32, info)
+    return ClassifyTask(ClassifyOptions(**options), model or ModelConfig(size="tiny"), tokenizer, 32, info)
 
 
 def _rows(tokenizer, texts, labels):
@@ -115,3 +115,30 @@ def test_export_loads_with_the_auto_class_and_pipeline(tokenizer, tmp_path, pool
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
     result = pipeline("text-classification", model=str(tmp_path))("정말 재밌어요")
     assert result[0]["label"] in {"negative", "positive"}
+
+
+def test_ngram_model_trains_and_exports_through_the_task(tokenizer, tmp_path):
+    import korch  # noqa: F401  (registers korch-ngram with the Auto classes)
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    torch.manual_seed(0)
+    task = _task(tokenizer, ModelConfig(arch="ngram", overrides={"buckets": 1024}), pooling="max", label_smoothing=0.1)
+    model = task.build_model(None)
+    assert type(model).__name__ == "KorchNgramForSequenceClassification"
+    batch = task.collate(_rows(tokenizer, ["최고", "별로다 진짜", "좋아요", "지루함"], [1, 0, 1, 0]), torch.Generator())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = task.loss(model, batch).item()
+    for _ in range(20):
+        task.loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert task.loss(model, batch).item() < first
+    model.eval()
+    fresh = task.empty_model(model.config)
+    fresh.load_state_dict(model.state_dict())
+    task.save(fresh, str(tmp_path))
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, use_safetensors=True).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+    assert pipeline("text-classification", model=str(tmp_path))("정말 재밌어요")[0]["label"] in {"negative", "positive"}

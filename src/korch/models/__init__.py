@@ -20,6 +20,12 @@ NAMED_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# hidden size of `arch: ngram` (a bag of n-gram embeddings, no layers) per named size.
+NGRAM_HIDDEN: dict[str, int] = {"tiny": 64, "mini": 128, "small": 256, "base": 512, "large": 1024}
+# `arch: ngram` defaults, each overridable in `model.overrides`.
+NGRAM_DEFAULTS: dict[str, int] = {"ngram_max": 3, "buckets": 2 ** 16}
+
+
 def default_max_positions(seq_len: int) -> int:
     return max(128, -(-seq_len // 64) * 64)
 
@@ -28,6 +34,9 @@ def build_model_config(model: ModelConfig, vocab_size: int, seq_len: int, pad_to
     """A Hugging Face config for from-scratch init: named size, then `max_position_embeddings`, then overrides."""
     from transformers import BertConfig, DebertaV2Config
 
+    if model.arch == "ngram":
+        raise ValueError("model.arch ngram has no encoder config: it is a classifier only (korch.models.classifier "
+                         "builds it); use bert or deberta-v2 here")
     hidden, layers, heads, intermediate = NAMED_SIZES[model.size]
     common: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

@@ -2,7 +2,9 @@
 
 Rows are labelled records tokenised by `korch.data.labelled` (text, optional text pair, label id). The model
 is built from config (bert or deberta-v2), from the `needs:` parent's `final/` (e.g. a TAPT `mlm` stage) or
-from a pretrained folder, with `cls`, `mean` or `max` pooling (`korch.models.classifier`). The loss is
+from a pretrained folder, with `cls`, `mean` or `max` pooling (`korch.models.classifier`); or, with
+`model.arch: ngram`, it is a fastText-style bag of hashed token n-grams (no encoder: a parent gives only its
+tokenizer). The loss is
 cross-entropy or focal loss with label smoothing, per-class alpha and class weights (`korch.losses`).
 Evaluation reports loss, accuracy, macro-F1 and per-class F1, summed over ranks as a confusion matrix.
 The export loads with `AutoModelForSequenceClassification` and `pipeline("text-classification")`.
@@ -20,7 +22,7 @@ from korch.tasks.base import TrainTask
 
 class ClassifyOptions(Section):
     pooling: Literal["cls", "mean", "max"] = "cls"
-    """How the encoder's tokens become one vector: `cls` (the first token, HF's own head), or `mean`/`max` over real tokens (padding never counts)."""
+    """How the encoder's tokens become one vector: `cls` (the first token, HF's own head), or `mean`/`max` over real tokens (padding never counts). `model.arch: ngram` ignores it (its n-grams are always averaged)."""
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     """`focal` down-weights easy examples by (1 - p)^gamma; with gamma 0 and no alpha it is cross-entropy."""
     gamma: float = Field(default=2.0, ge=0.0)
@@ -32,7 +34,7 @@ class ClassifyOptions(Section):
     class_weights: list[float] | Literal["balanced"] | None = None
     """Per-class loss weights, one per label, or `balanced` (n / (classes x count) from the training split)."""
     classifier_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
-    """Dropout before the classification head. Unset: the encoder's hidden dropout."""
+    """Dropout before the classification head. Unset: the encoder's hidden dropout (none for `model.arch: ngram`)."""
 
     @model_validator(mode="after")
     def _alpha_is_focal(self) -> "ClassifyOptions":
