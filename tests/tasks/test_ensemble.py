@@ -192,6 +192,8 @@ def test_stage_outputs_match_a_hand_made_mix(scored, job_dir, data_tsv):
     assert {k: report["ensemble"][k] for k in by_hand} == pytest.approx(by_hand)
     assert set(report["members"]) == {"cls_a", "cls_b"} and summary["accuracy"] == report["ensemble"]["accuracy"]
     assert report["best_single"]["accuracy"] == max(m["accuracy"] for m in report["members"].values())
+    assert set(report["by_weighting"]) == {"uniform", "score", "optimize"}
+    assert report["by_weighting"][report["weights"]]["accuracy"] == report["ensemble"]["accuracy"]
     spec = json.loads((stage_dir / "ensemble" / "ensemble.json").read_text())
     assert spec["format"] == "korch-ensemble" and spec["labels"] == ["neg", "pos"]
     assert [m["path"] for m in spec["members"]] == [f"../../cls_a/{weights[0]['candidate']}", "../../cls_b/final"]

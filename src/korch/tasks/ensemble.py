@@ -318,6 +318,14 @@ def write_ensemble_folder(folder: Path, names: list[str], members: list[dict]) -
     os.replace(tmp, folder)
 
 
+def _weights_for(scheme: str, used: list, labels: list[int], metric: str) -> list[float]:
+    if scheme == "uniform":
+        return normalise_weights([1.0] * len(used))
+    if scheme == "score":
+        return normalise_weights([m.scores[m.chosen][metric] for m in used])
+    return optimise_weights([m.probs for m in used], labels)
+
+
 def run_ensemble_stage(stage, ctx) -> dict:
     """Score the members on the stage's validation split, weight them, and write weights.json, eval.json,
     predictions.jsonl and ensemble/ into the stage folder; returns the summary."""
@@ -341,12 +349,13 @@ def run_ensemble_stage(stage, ctx) -> dict:
     if not used:
         raise UserError(f"stage {stage.name}: no ensemble member could be used ({'; '.join(s['name'] + ': ' + s['reason'] for s in skipped)}); "
                         "train the member stages first or fix ensemble.members")
-    if options.weights == "uniform":
-        weights = normalise_weights([1.0] * len(used))
-    elif options.weights == "score":
-        weights = normalise_weights([m.scores[m.chosen][options.metric] for m in used])
-    else:
-        weights = optimise_weights([m.probs for m in used], labels)
+    by_weighting = {}  # every scheme side by side, so eval.json shows what the chosen one gained
+    for scheme in ("uniform", "score", "optimize"):
+        scheme_weights = _weights_for(scheme, used, labels, options.metric)
+        by_weighting[scheme] = {k: v for k, v in classification_metrics(
+            combine([m.probs for m in used], scheme_weights), labels, names).items() if k != "per_class_f1"}
+        if scheme == options.weights:
+            weights = scheme_weights
     mix = combine([m.probs for m in used], weights)
     ensemble_metrics = classification_metrics(mix, labels, names)
     member_metrics = {m.name: m.scores[m.chosen] for m in used}
@@ -360,6 +369,7 @@ def run_ensemble_stage(stage, ctx) -> dict:
     _atomic_write(stage_dir / "eval.json", json.dumps(
         {"ensemble": ensemble_metrics, "members": member_metrics,
          "best_single": {"name": best.name, "accuracy": best.scores[best.chosen]["accuracy"]},
+         "by_weighting": by_weighting,
          "weights": options.weights, "optimistic": options.weights == "optimize", "rows": len(rows)},
         indent=1, ensure_ascii=False))
     lines = []

@@ -34,7 +34,8 @@ class RunLog:
         self._append("events.jsonl", row)
         if self.echo and event != "checkpoint":
             details = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-            print(f"[korch] {self.stage_dir.name}: {event} at step {step} (attempt {attempt}) {details}".rstrip(), flush=True)
+            where = "".join([f" at step {step}" if step is not None else "", f" (attempt {attempt})" if attempt else ""])
+            print(f"[korch] {self.stage_dir.name}: {event}{where} {details}".rstrip(), flush=True)
 
     def metrics(self, row: dict) -> None:
         self.last_step = row.get("step", self.last_step)
