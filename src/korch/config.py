@@ -197,7 +197,6 @@ class TrainConfig(_Strict):
     """Write a metrics.jsonl line every N optimizer steps."""
 
 
-
 class EvalConfig(_Strict):
     every: Literal["end", "epoch", "never"] = "end"
     """When to evaluate on the held-out split: at the end, after every epoch (each result also goes to metrics.jsonl), or never. `eval.json` holds the last result."""
@@ -262,6 +261,10 @@ class DistributedConfig(_Strict):
         return self
 
 
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
 class _StageBase(_Strict):
     name: str = Field(pattern=_NAME)
     """Stage name; outputs go to RUNS/<job>/<name>/ and `--set stages.<name>.x=y` addresses it."""
@@ -313,9 +316,12 @@ class _StageBase(_Strict):
     @property
     def needed(self) -> list[str]:
         """`needs` as a list (empty when unset)."""
-        if self.needs is None:
-            return []
-        return [self.needs] if isinstance(self.needs, str) else list(self.needs)
+        return _as_list(self.needs)
+
+    @property
+    def retrained_from(self) -> list[str]:
+        """`retrain_of` as a list (empty when unset)."""
+        return _as_list(self.retrain_of)
 
     @property
     def options(self) -> BaseModel | None:
@@ -354,15 +360,14 @@ class JobConfig(_Strict):
                 if needed not in seen:
                     raise ValueError(f"stage '{stage.name}' needs '{needed}', which is not an earlier stage; "
                                      f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
-            retrain_of = [stage.retrain_of] if isinstance(stage.retrain_of, str) else list(stage.retrain_of or [])
-            for source in retrain_of:
+            for source in stage.retrained_from:
                 if source not in seen:
                     raise ValueError(f"stage '{stage.name}' retrain_of '{source}', which is not an earlier stage; "
                                      f"earlier stages: {', '.join(sorted(seen)) or 'none'}")
                 if self.stage(source).task != stage.task or not TASKS[stage.task].trainer:
                     raise ValueError(f"stage '{stage.name}' (task {stage.task}) retrain_of '{source}', a "
                                      f"{self.stage(source).task} stage; retrain a trained stage of the same task")
-            if retrain_of:
+            if stage.retrained_from:
                 seen.add(stage.name)
                 continue
             if TASKS[stage.task].trainer and len(stage.needed) > 1:

@@ -15,6 +15,7 @@ import torch
 import korch  # noqa: F401  (registers korch-pooling with transformers' Auto classes, lazily)
 from korch.config import ModelConfig
 from korch.models import build_mlm_model
+from toy_inputs import VOCAB, logits_of, toy_batch
 from korch.models.classifier import (
     KorchPoolingConfig,
     KorchPoolingForSequenceClassification,
@@ -27,7 +28,6 @@ from korch.models.classifier import (
 )
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "영화", "정말", "재밌다", "별로", "최고", "지루", "##했다", "배우"]
 ARCHS = ["bert", "deberta-v2"]
 POOLINGS = ["cls", "mean", "max"]
 
@@ -39,20 +39,6 @@ def _build(arch="bert", pooling="mean", seed=0, **kw):
     net = build_classifier(ModelConfig(arch=arch), pooling=pooling, vocab_size=len(VOCAB), seq_len=32,
                            pad_token_id=0, **kw)
     return net.eval()
-
-
-def _batch():
-    """Row 0 is 7 real tokens; row 1 is 4 real tokens and 3 pads."""
-    torch.manual_seed(1)
-    ids = torch.randint(5, len(VOCAB), (2, 7))
-    mask = torch.ones_like(ids)
-    ids[1, 4:], mask[1, 4:] = 0, 0
-    return ids, mask
-
-
-def _logits(net, ids, mask):
-    with torch.no_grad():
-        return net(input_ids=ids, attention_mask=mask).logits
 
 
 def _save_with_tokenizer(net, folder):
@@ -106,9 +92,9 @@ def test_build_from_config_and_padding_changes_nothing(arch, pooling):
     assert net.config.num_labels == 3 and net.config.id2label == LABELS
     assert net.config.label2id == {"negative": 0, "neutral": 1, "positive": 2}
 
-    ids, mask = _batch()
-    batched = _logits(net, ids, mask)
-    alone = _logits(net, ids[1:, :4], mask[1:, :4])
+    ids, mask = toy_batch()
+    batched = logits_of(net, ids, mask)
+    alone = logits_of(net, ids[1:, :4], mask[1:, :4])
     torch.testing.assert_close(batched[1:], alone, atol=1e-5, rtol=1e-4)
 
     net.train()
@@ -120,7 +106,7 @@ def test_build_from_config_and_padding_changes_nothing(arch, pooling):
 def test_pooled_encoder_has_no_unused_cls_pooler():
     # Every parameter gets a gradient: DDP would otherwise need find_unused_parameters.
     net = _build("bert", "max").train()
-    ids, mask = _batch()
+    ids, mask = toy_batch()
     net(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1])).loss.backward()
     assert [n for n, p in net.named_parameters() if p.grad is None] == []
 
@@ -131,7 +117,7 @@ def test_gradient_checkpointing_and_dropout():
     # transformers 5 renamed gradient checkpointing to activation checkpointing (the old name still warns).
     assert getattr(net, "is_activation_checkpointing", None) or net.is_gradient_checkpointing
     assert net.dropout.p == 0.3
-    ids, mask = _batch()
+    ids, mask = toy_batch()
     net.train()(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1])).loss.backward()
     cls = build_classifier(ModelConfig(arch="deberta-v2"), num_labels=2, id2label={0: "neg", 1: "pos"},
                            pooling="cls", vocab_size=len(VOCAB), seq_len=32, pad_token_id=0, classifier_dropout=0.3)
@@ -175,8 +161,8 @@ def test_save_then_auto_load_restores_exactly(tmp_path, arch, pooling):
     loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
     assert type(loaded) is type(net)  # korch's own class (registered), not a remote-code copy
     assert loaded.config.id2label == LABELS
-    ids, mask = _batch()
-    torch.testing.assert_close(_logits(loaded, ids, mask), _logits(net, ids, mask), atol=0, rtol=0)
+    ids, mask = toy_batch()
+    torch.testing.assert_close(logits_of(loaded, ids, mask), logits_of(net, ids, mask), atol=0, rtol=0)
 
     # classifier_from_config: the same class, fresh weights, from the saved config (the export path).
     fresh = classifier_from_config(loaded.config)
@@ -197,8 +183,8 @@ def test_pooled_folder_loads_with_trust_remote_code_where_korch_is_missing(tmp_p
     folder = tmp_path / "model"
     net = _build("deberta-v2", "max")
     _save_with_tokenizer(net, folder)
-    ids, mask = _batch()
-    torch.save({"ids": ids, "mask": mask, "logits": _logits(net, ids, mask)}, tmp_path / "expected.pt")
+    ids, mask = toy_batch()
+    torch.save({"ids": ids, "mask": mask, "logits": logits_of(net, ids, mask)}, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import sys
         sys.modules["korch"] = None  # any `import korch` now raises ImportError

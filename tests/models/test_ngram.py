@@ -12,6 +12,7 @@ import torch
 import korch  # noqa: F401  (registers korch-ngram with transformers' Auto classes, lazily)
 from korch.config import ModelConfig
 from korch.models import build_mlm_model
+from toy_inputs import VOCAB, logits_of, toy_batch
 from korch.models.classifier import (
     KorchNgramConfig,
     KorchNgramForSequenceClassification,
@@ -22,7 +23,6 @@ from korch.models.classifier import (
 from korch.models.modeling_korch_ngram import ngram_rows
 
 LABELS = {0: "negative", 1: "positive"}
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "영화", "정말", "재밌다", "별로", "최고", "지루", "##했다", "배우"]
 
 
 def _build(seed=0, size="tiny", overrides=None, **kw):
@@ -31,20 +31,6 @@ def _build(seed=0, size="tiny", overrides=None, **kw):
     kw.setdefault("pooling", "cls")
     return build_classifier(model, num_labels=2, id2label=LABELS, vocab_size=len(VOCAB), seq_len=32,
                             pad_token_id=0, **kw).eval()
-
-
-def _batch():
-    """Row 0 is 7 real tokens; row 1 is 4 real tokens and 3 pads."""
-    torch.manual_seed(1)
-    ids = torch.randint(5, len(VOCAB), (2, 7))
-    mask = torch.ones_like(ids)
-    ids[1, 4:], mask[1, 4:] = 0, 0
-    return ids, mask
-
-
-def _logits(net, ids, mask):
-    with torch.no_grad():
-        return net(input_ids=ids, attention_mask=mask).logits
 
 
 GOLDEN = [26040, 24218, 22319, 132493, 92378, 68022, 110876]  # bigrams then trigrams of [2, 5, 6, 7, 3]
@@ -70,14 +56,14 @@ def test_hashing_is_fixed_arithmetic():
 
 def test_padding_changes_nothing_and_every_parameter_learns():
     net = _build()
-    ids, mask = _batch()
-    batched = _logits(net, ids, mask)
-    alone = _logits(net, ids[1:, :4], mask[1:, :4])
+    ids, mask = toy_batch()
+    batched = logits_of(net, ids, mask)
+    alone = logits_of(net, ids[1:, :4], mask[1:, :4])
     torch.testing.assert_close(batched[1:], alone, atol=1e-6, rtol=1e-5)
     # whatever sits in padded positions is ignored
     noisy = ids.clone()
     noisy[1, 4:] = torch.tensor([9, 10, 11])
-    torch.testing.assert_close(_logits(net, noisy, mask), batched, atol=0, rtol=0)
+    torch.testing.assert_close(logits_of(net, noisy, mask), batched, atol=0, rtol=0)
 
     net.train()
     out = net(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=torch.tensor([0, 1]))
@@ -114,8 +100,8 @@ def test_save_then_auto_load_restores_exactly(tmp_path):
         assert not re.search(r"^\s*(from|import)\s+korch\b", (tmp_path / name).read_text(), re.MULTILINE), name
     loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
     assert type(loaded) is KorchNgramForSequenceClassification and loaded.config.id2label == LABELS
-    ids, mask = _batch()
-    torch.testing.assert_close(_logits(loaded, ids, mask), _logits(net, ids, mask), atol=0, rtol=0)
+    ids, mask = toy_batch()
+    torch.testing.assert_close(logits_of(loaded, ids, mask), logits_of(net, ids, mask), atol=0, rtol=0)
     fresh = classifier_from_config(loaded.config)
     assert type(fresh) is KorchNgramForSequenceClassification and fresh.config.buckets == 512
 

@@ -16,7 +16,7 @@ import pytest
 from korch.errors import UserError
 from korch.tasks.ensemble import (
     classification_metrics, combine, load_ensemble, log_loss, member_probs, normalise_weights, optimise_weights,
-    reweight, run_ensemble_stage, sha256_of, write_ensemble_folder,
+    run_ensemble_stage, sha256_of, write_ensemble_folder,
 )
 
 GOOD, BAD = ["좋다", "최고", "재밌다", "감동", "추천"], ["별로", "지루하다", "최악", "실망", "아깝다"]
@@ -57,10 +57,9 @@ def test_optimised_weights_beat_uniform_on_an_accurate_plus_noisy_pair():
     assert optimise_weights(probs[:1], labels) == [1.0]
 
 
-def test_score_weights_reweighting_and_mixing_as_data():
+def test_score_weights_and_mixing_as_data():
     assert normalise_weights([0.9, 0.6, 0.0]) == pytest.approx([0.6, 0.4, 0.0])
     assert normalise_weights([-1.0, 0.0]) == [0.5, 0.5]  # nothing positive: uniform
-    assert reweight({"a": 0.5, "b": 0.3, "c": 0.2}, without=["b"]) == pytest.approx({"a": 5 / 7, "c": 2 / 7})
     mix = combine([np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])], [3, 1])
     np.testing.assert_allclose(mix, [[0.75, 0.25]])
     metrics = classification_metrics(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), [0, 1, 1], ["n", "p"])

@@ -53,8 +53,8 @@ LABELLED_SCHEMA = pa.schema([
     ("row_id", pa.int64()),
 ])
 # Config fields that change the output; resources (actors, CPUs) do not.
-_OUTPUT_FIELDS = ("format", "text_fields", "seq_len", "max_docs", "validation_fraction", "train_on_validation", "text_column",
-                  "text_pair_column", "label_column", "columns", "labels", "label_bins")
+_OUTPUT_FIELDS = ("format", "text_fields", "seq_len", "max_docs", "validation_fraction", "train_on_validation",
+                  "text_column", "text_pair_column", "label_column", "columns", "labels", "label_bins")
 _CHUNK_ROWS = 1024  # rows per Ray Data block: ~10-50 ms of tokenising, so per-block overhead stays small
 
 

@@ -38,12 +38,10 @@ def register_auto_classes() -> None:
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    AutoConfig.register(KorchPoolingConfig.model_type, KorchPoolingConfig, exist_ok=True)
-    AutoModelForSequenceClassification.register(KorchPoolingConfig, KorchPoolingForSequenceClassification,
-                                                exist_ok=True)
-    AutoConfig.register(KorchNgramConfig.model_type, KorchNgramConfig, exist_ok=True)
-    AutoModelForSequenceClassification.register(KorchNgramConfig, KorchNgramForSequenceClassification,
-                                                exist_ok=True)
+    for config_class, model_class in ((KorchPoolingConfig, KorchPoolingForSequenceClassification),
+                                      (KorchNgramConfig, KorchNgramForSequenceClassification)):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForSequenceClassification.register(config_class, model_class, exist_ok=True)
 
 
 def build_classifier(model: ModelConfig, *, num_labels: int, id2label: dict[int, str], pooling: str,

@@ -94,6 +94,14 @@ class TrainTask:
         return None
 
 
+def metric_greater_is_better(task_cls: type, metric: str, configured: bool | None = None) -> bool:
+    """Direction of a task metric: `configured` (eval.greater_is_better) if set, else the task's own, else lower is
+    better for names with loss/perplexity and higher for the rest."""
+    if configured is not None:
+        return configured
+    return task_cls.greater_is_better.get(metric, not any(word in metric for word in ("loss", "perplexity")))
+
+
 def batch_generator(seed: int, epoch: int, micro_index: int, rank: int) -> "torch.Generator":
     """The generator a micro batch's randomness draws from: a pure function of where the batch is in the run."""
     import torch

@@ -136,14 +136,9 @@ class ClassifyTask(TrainTask):
 
     def eval_metrics(self, sums):
         classes = len(self.labels)
-        confusion = sums["confusion"].view(classes, classes)  # rows: true label, columns: prediction
-        true_positive = confusion.diag()
-        precision = true_positive / confusion.sum(0).clamp(min=1e-12)
-        recall = true_positive / confusion.sum(1).clamp(min=1e-12)
-        f1 = (2 * precision * recall / (precision + recall).clamp(min=1e-12))
         rows = max(float(sums["rows"]), 1.0)
-        return {"loss": float(sums["loss_sum"]) / rows, "accuracy": float(true_positive.sum()) / rows,
-                "macro_f1": float(f1.mean()), "per_class_f1": {name: float(v) for name, v in zip(self.labels, f1)},
+        return {"loss": float(sums["loss_sum"]) / rows,
+                **confusion_metrics(sums["confusion"].view(classes, classes), self.labels, rows),
                 "rows": int(sums["rows"])}
 
     def empty_model(self, config):
@@ -158,3 +153,14 @@ class ClassifyTask(TrainTask):
         # Inference truncates where training did: `pipeline(..., truncation=True)` and `korch predict` read this.
         self.tokenizer.model_max_length = self.seq_len
         self.tokenizer.save_pretrained(folder)
+
+
+def confusion_metrics(confusion, names, rows: float) -> dict:
+    """accuracy, macro_f1 and per_class_f1 from a (true label x prediction) float64 torch confusion matrix;
+    shared with the ensemble task so both report the same arithmetic."""
+    true_positive = confusion.diag()
+    precision = true_positive / confusion.sum(0).clamp(min=1e-12)
+    recall = true_positive / confusion.sum(1).clamp(min=1e-12)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return {"accuracy": float(true_positive.sum()) / rows, "macro_f1": float(f1.mean()),
+            "per_class_f1": {name: float(v) for name, v in zip(names, f1)}}

@@ -22,7 +22,6 @@ Torch, numpy and transformers are imported inside functions: the registry import
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -73,12 +72,6 @@ def normalise_weights(scores: Sequence[float]) -> list[float]:
     if total <= 0:
         return [1.0 / len(clipped)] * len(clipped)
     return [s / total for s in clipped]
-
-
-def reweight(weights: dict[str, float], without: Sequence[str] = ()) -> dict[str, float]:
-    """The weights of the members not in `without`, renormalised to sum 1 (uniform if they sum to 0)."""
-    kept = {name: w for name, w in weights.items() if name not in set(without)}
-    return dict(zip(kept, normalise_weights(list(kept.values()))))
 
 
 def combine(prob_list: Sequence[Any], weights: Sequence[float]):
@@ -136,20 +129,17 @@ def optimise_weights(prob_list: Sequence[Any], labels: Sequence[int], max_iter: 
 def classification_metrics(probs, labels: Sequence[int], names: Sequence[str]) -> dict:
     """loss, accuracy, macro_f1 and per_class_f1, with the classify task's arithmetic (from a confusion matrix)."""
     import numpy as np
+    import torch
+
+    from korch.tasks.classify import confusion_metrics
 
     probs = np.asarray(probs, dtype=np.float64)
     truth = np.asarray(labels, dtype=np.int64)
     predicted = probs.argmax(1) if len(truth) else truth
-    classes = len(names)
-    confusion = np.zeros((classes, classes), dtype=np.float64)
+    confusion = np.zeros((len(names), len(names)), dtype=np.float64)
     np.add.at(confusion, (truth, predicted), 1.0)
-    tp = np.diag(confusion)
-    precision = tp / np.clip(confusion.sum(0), 1e-12, None)
-    recall = tp / np.clip(confusion.sum(1), 1e-12, None)
-    f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
-    rows = max(len(truth), 1)
-    return {"loss": log_loss(probs, truth), "accuracy": float(tp.sum()) / rows, "macro_f1": float(f1.mean()),
-            "per_class_f1": {name: float(v) for name, v in zip(names, f1)}, "rows": int(len(truth))}
+    return {"loss": log_loss(probs, truth), **confusion_metrics(torch.from_numpy(confusion), names, max(len(truth), 1)),
+            "rows": int(len(truth))}
 
 
 def label_order(member_names: Sequence[str], names: Sequence[str], whose: str = "the data's") -> list[int]:
@@ -171,11 +161,9 @@ def model_file(folder: str | os.PathLike) -> Path:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from korch.data.shards import sha256_file  # pyarrow: imported only when a hash is needed
+
+    return sha256_file(str(path))
 
 
 def member_probs(model_dir: str | os.PathLike, texts: Sequence[str], pairs: Sequence[str] | None = None,

@@ -254,11 +254,10 @@ class _Selection:
         self.metric = eval_cfg.select_best
         self.enabled = self.metric is not None
         self.patience = eval_cfg.patience
-        direction = eval_cfg.greater_is_better
-        if direction is None and self.metric is not None:
-            direction = task_cls.greater_is_better.get(
-                self.metric, not any(word in self.metric for word in ("loss", "perplexity")))
-        self.greater = bool(direction)
+        from korch.tasks.base import metric_greater_is_better
+
+        self.greater = self.metric is not None and metric_greater_is_better(task_cls, self.metric,
+                                                                            eval_cfg.greater_is_better)
         self.best = state.get("best_metric")
         self.best_step = state.get("best_step")
         self.best_epoch = state.get("best_epoch")

@@ -51,6 +51,7 @@ def resolve_epochs_from(stage: StageConfig, job_dir: Path) -> StageConfig:
 def selection_score(stage: StageConfig, summary: dict) -> float:
     """A finished stage's validation score for ranking configurations, oriented so that higher is better."""
     from korch.tasks import TASKS
+    from korch.tasks.base import metric_greater_is_better
 
     evaluation = summary.get("eval") or {}
     metric = stage.eval.select_best
@@ -61,10 +62,7 @@ def selection_score(stage: StageConfig, summary: dict) -> float:
         if metric not in evaluation:
             return -math.inf
         value = float(evaluation[metric])
-    greater = stage.eval.greater_is_better
-    if greater is None:
-        trainer = TASKS[stage.task].load_trainer()
-        greater = trainer.greater_is_better.get(metric, not any(w in metric for w in ("loss", "perplexity")))
+    greater = metric_greater_is_better(TASKS[stage.task].load_trainer(), metric, stage.eval.greater_is_better)
     return value if greater else -value
 
 
@@ -73,7 +71,7 @@ def resolve_retrain(job: JobConfig, stage: StageConfig, job_dir: Path) -> StageC
     epoch count with nothing held out; `train.epochs_from` becomes `train.epochs`."""
     if not stage.retrain_of:
         return resolve_epochs_from(stage, job_dir)
-    names = [stage.retrain_of] if isinstance(stage.retrain_of, str) else list(stage.retrain_of)
+    names = stage.retrained_from
     scores = {name: selection_score(job.stage(name), _finished_summary(stage, "retrain_of", name, job_dir))
               for name in names}
     winner = max(names, key=lambda name: scores[name])  # ties: the first named
