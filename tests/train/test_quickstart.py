@@ -51,15 +51,17 @@ def test_rerun_skips_a_finished_stage(quickstart):
     assert read_jsonl(quickstart / "events.jsonl")[-1]["event"] == "skip"
 
 
-# --- worker failure: ZeRO-2 and ZeRO-3, clean vs. failed at step 15 --------------------------------------
+# --- worker failure: ZeRO-3, clean vs. failed at step 15 --------------------------------------------------
+# ZeRO-2's exact resume is the classify task's fault test (tests/tasks/test_classify_runs.py: losses, every
+# evaluation, final/best/swa weights); the tensors of ZeRO 0-3 restores are in test_resume_tensors.py.
 
 FAULT_STAGES = [{"name": f"zero{z}", "train": {"max_steps": 20, "checkpoint_every_steps": 10, "log_every_steps": 5},
-                 "eval": {"every": "never"}, "distributed": {"deepspeed": {"zero_stage": z}}} for z in (2, 3)]
+                 "eval": {"every": "never"}, "distributed": {"deepspeed": {"zero_stage": z}}} for z in (3,)]
 
 
 @pytest.fixture(scope="module")
 def fault_runs(quickstart, tmp_path_factory) -> Path:
-    """The same 2-worker ZeRO-2 and ZeRO-3 stages run clean and with rank 1 exiting at step 15, under the
+    """The same 2-worker ZeRO-3 stage run clean and with rank 1 exiting at step 15, under the
     unpickling guard (the Ray-restart resume reads its checkpoint from the run folder)."""
     root = tmp_path_factory.mktemp("fault")
     job = write_job(root / "fault.yaml", quickstart, FAULT_STAGES)
@@ -71,7 +73,7 @@ def fault_runs(quickstart, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero3"])
 def test_worker_failure_resumes_from_the_checkpoint_and_repeats_the_clean_run(fault_runs, stage):
     import torch
     from safetensors.torch import load_file
