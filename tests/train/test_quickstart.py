@@ -7,6 +7,7 @@ prepared data and tokenizer with fewer steps, so each costs well under a minute.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -45,10 +46,21 @@ def test_quickstart_outputs_load_and_loss_falls(quickstart):
     assert (quickstart / "job.yaml").exists()
 
 
-def test_rerun_skips_a_finished_stage(quickstart):
-    again = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(quickstart.parent.parent))
+def test_rerun_skips_a_finished_stage_unless_a_result_field_changed(quickstart):
+    runs = str(quickstart.parent.parent)
+    record = json.loads((quickstart / "korch.json").read_text())
+    assert record["finished"] and record["output"] and record["spec"]["train.lr"] and record["git_commit"]
+    again = korch("run", "jobs/quickstart.yaml", "--runs-dir", runs)
     assert again.returncode == 0, again.stderr[-2000:]
     assert read_jsonl(quickstart / "events.jsonl")[-1]["event"] == "skip"
+    logged = korch("run", "jobs/quickstart.yaml", "--runs-dir", runs, "--set", "stages.mlm.train.log_every_steps=1")
+    assert logged.returncode == 0 and read_jsonl(quickstart / "events.jsonl")[-1]["event"] == "skip"
+    # A changed lr re-runs the stage (tests/train/test_provenance.py runs that through run_job); --dry-run says so.
+    changed = korch("run", "jobs/quickstart.yaml", "--runs-dir", runs, "--set", "stages.mlm.train.lr=1e-3", "--dry-run")
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert f"mlm: re-run (train.lr changed {record['spec']['train.lr']} → 0.001)" in changed.stdout
+    status = korch("status", str(quickstart.parent))
+    assert status.returncode == 0 and re.search(r"mlm\s+done\s+200\s+mlm_loss", status.stdout), status.stdout
 
 
 # --- worker failure: ZeRO-3, clean vs. failed at step 15 --------------------------------------------------

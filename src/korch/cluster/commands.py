@@ -35,11 +35,12 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the submission instead of sending it")
     p.set_defaults(func=cmd_submit)
 
-    for name, func, text in (("status", cmd_status, "show a submitted job's status"),
+    for name, func, text in (("status", cmd_status, "show a submitted job's status, or the stages of RUNS/<job>"),
                              ("logs", cmd_logs, "print a submitted job's logs"),
                              ("stop", cmd_stop, "stop a submitted job")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("job_id", metavar="ID", help="the submission id korch submit printed")
+        p.add_argument("job_id", metavar="ID", help="the submission id korch submit printed" +
+                       (", or a runs folder RUNS/<job>" if name == "status" else ""))
         _address(p)
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
@@ -152,6 +153,11 @@ def cmd_submit(args) -> int:
 
 def cmd_status(args) -> int:
     from korch.cluster import submit
+
+    if os.path.isdir(args.job_id):  # `korch status RUNS/<job>`: the stages of a runs folder, no cluster needed
+        from korch.train.commands import runs_status
+
+        return runs_status(args.job_id)
 
     info = submit.status(_resolve_address(args.address), args.job_id)
     state = str(getattr(info.status, "value", info.status))

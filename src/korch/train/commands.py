@@ -12,11 +12,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from korch.train.job import run_job
 
     job = load_job(args.job, args.set)
+    if args.dry_run:
+        from pathlib import Path
+
+        from korch.train.plan import plan_job, plan_table
+
+        print(plan_table(job, plan_job(job, Path(args.runs_dir).resolve() / job.name, args.from_stage)))
+        return 0
     summaries = run_job(job, args.runs_dir, address=args.address, fresh=args.fresh,
-                        from_checkpoint=args.from_checkpoint, only=args.stage or None)
+                        from_checkpoint=args.from_checkpoint, only=args.stage or None, from_stage=args.from_stage)
     for name, summary in summaries.items():
         shown = {k: v for k, v in summary.items() if k != "probe_logits"}
         print(f"[korch] {job.name}/{name}: {json.dumps(shown, ensure_ascii=False)}")
+    return 0
+
+
+def runs_status(target: str) -> int:
+    """`korch status RUNS/<job>`: each stage's state (done, stale, partial, not run), step and key metric, judged
+    against the job as it was last run (its `job.yaml` there), or against `--job FILE` when given."""
+    from pathlib import Path
+
+    from korch.config import load_job
+    from korch.errors import UserError
+    from korch.train.plan import format_status, job_status
+
+    job_dir = Path(target)
+    if not (job_dir / "job.yaml").is_file():
+        raise UserError(f"{target}: not a korch job folder (no job.yaml); give RUNS/<job>, e.g. runs/quickstart")
+    job = load_job(str(job_dir / "job.yaml"), [])
+    print(f"{job.name} ({job_dir})")
+    print(format_status(job_status(job, job_dir)))
     return 0
 
 
@@ -54,6 +79,10 @@ def register(sub) -> None:
     p.add_argument("--from-checkpoint", default=None, metavar="PATH",
                    help="start the stage(s) from a korch checkpoint or an HF checkpoint-<step>/ folder")
     p.add_argument("--stage", action="append", default=[], metavar="NAME", help="run only this stage (repeatable)")
+    p.add_argument("--from-stage", default=None, metavar="NAME",
+                   help="run NAME and every stage downstream of it again, even if unchanged")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what each stage would do (skip, resume, run, re-run) and why, and run nothing")
     p.set_defaults(func=_cmd_run)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_cmd", required=True, metavar="CMD")

@@ -1,9 +1,14 @@
 """`korch run`: load spec → start or join Ray → run stages in order → write outputs → shut down.
 
-What a re-run does in a runs dir that already holds a stage (korch decides, not Ray):
-- the stage finished (`summary.json` present): it is skipped, and its `final/` feeds later stages;
+What a re-run does in a runs dir that already holds a stage (korch decides, not Ray), by its `korch.json`
+provenance (`korch.train.provenance`):
+- the stage finished and its spec, parents' outputs and input files are unchanged: it is skipped, and its
+  `final/` feeds later stages;
+- any of those changed: it and every stage downstream run again, with one line saying why; the old folder
+  is kept as `previous/<stage>/`;
 - the stage started but did not finish: it resumes from its latest checkpoint (same step, LR, optimizer
-  state and data position);
+  state and data position), unless fields other than the resume-safe ones changed: then it starts over;
+- `--from-stage NAME`: NAME and every stage downstream of it run again;
 - `--fresh`: the stage folder is cleared and the stage starts over;
 - `--from-checkpoint PATH`: the stage starts from PATH (a korch checkpoint, or an HF `checkpoint-<step>/`).
 """
@@ -21,6 +26,8 @@ import yaml
 from korch.config import JobConfig, StageConfig
 from korch.errors import UserError
 from korch.tasks import TASKS
+from korch.train.plan import current_provenance, describe_plan, plan_job
+from korch.train.provenance import output_hash, read_provenance, write_provenance
 from korch.train.retrain import resolve_retrain
 from korch.train.runlog import RunLog
 
@@ -87,13 +94,19 @@ def _check_resources(stage: StageConfig, korch_started_ray: bool) -> None:
 
 
 def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bool = False,
-            from_checkpoint: str | None = None, only: list[str] | None = None) -> dict:
+            from_checkpoint: str | None = None, only: list[str] | None = None, from_stage: str | None = None) -> dict:
     from korch.train.runner import StageContext, apply_from_checkpoint
 
     if from_checkpoint:  # check before any Ray start-up or folder is touched
         apply_from_checkpoint(StageContext(stage_dir=Path(runs_dir)), from_checkpoint)
+    if from_stage and from_stage not in {s.name for s in job.stages}:
+        raise UserError(f"--from-stage {from_stage}: the job has no such stage; its stages are "
+                        f"{', '.join(s.name for s in job.stages)}")
 
     job_dir = Path(runs_dir).resolve() / job.name
+    plan = {} if (fresh or from_checkpoint) else plan_job(job, job_dir, from_stage)
+    for line in describe_plan(job, plan):
+        print(f"[korch] {line}", flush=True)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
     ray_mode: str | None = None
@@ -104,17 +117,25 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
             if only and stage.name not in only:
                 continue
             stage_dir = job_dir / stage.name
+            decision = plan.get(stage.name)
             if fresh and stage_dir.exists():
                 shutil.rmtree(stage_dir)
+            elif decision is not None and decision.action == "rerun":
+                _keep_previous(job_dir, stage_dir)
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / "job.yaml").write_text(
                 yaml.safe_dump({"name": job.name, "stages": [stage.model_dump(mode="json")]}, sort_keys=False, allow_unicode=True))
             events = RunLog(str(stage_dir))
-            if stage_is_finished(stage_dir) and not from_checkpoint:
-                events.event("skip", reason="finished earlier; use --fresh to run it again")
+            if decision is not None and decision.action == "skip":
+                events.event("skip", reason="finished earlier, and its spec, parents and inputs are unchanged; "
+                             "use --from-stage or --fresh to run it again")
+                if read_provenance(stage_dir) is None:  # a run from before provenance: record it now
+                    write_provenance(stage_dir, {**current_provenance(job, stage.name, job_dir).to_json(),
+                                                 "finished": True, "output": output_hash(stage_dir)})
                 summaries[stage.name] = json.loads((stage_dir / SUMMARY).read_text())
                 continue
             stage = resolve_retrain(job, stage, job_dir)
+            write_provenance(stage_dir, current_provenance(job, stage.name, job_dir).to_json())
             if stage is not job.stage(stage.name):  # record what a retrain actually runs
                 (stage_dir / "job.yaml").write_text(yaml.safe_dump(
                     {"name": job.name, "stages": [stage.model_dump(mode="json")]}, sort_keys=False, allow_unicode=True))
@@ -128,6 +149,8 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
             summary = TASKS[stage.task].load_runner()(stage, ctx)
             summary = dict(summary or {}, seconds=round(time.time() - began, 1))
             (stage_dir / SUMMARY).write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+            write_provenance(stage_dir, {**current_provenance(job, stage.name, job_dir).to_json(),
+                                         "finished": True, "output": output_hash(stage_dir)})
             events.event("finish", step=summary.get("final_step"), seconds=summary["seconds"],
                          loss=summary.get("final_loss"))
             summaries[stage.name] = summary
@@ -137,6 +160,18 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
 
             ray.shutdown()
     return summaries
+
+
+def _keep_previous(job_dir: Path, stage_dir: Path) -> None:
+    """A stage that runs again keeps its last results as `previous/<stage>/` (one generation), so a change that
+    turns out worse can be compared against or copied back."""
+    if not stage_dir.exists():
+        return
+    keep = job_dir / "previous" / stage_dir.name
+    if keep.exists():
+        shutil.rmtree(keep)
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(stage_dir), str(keep))
 
 
 def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: bool, from_checkpoint: str | None):
