@@ -69,7 +69,7 @@ def test_decide_covers_skip_resume_restart_and_forced():
     assert decide(recorded, fewer, True, True).action == "rerun"  # a finished run would differ
     assert decide(recorded, fewer, False, True).action == "resume"  # an unfinished one resumes on 1 worker
     lr = Provenance({**spec, "train.lr": 0.01}, {"p": "abc"}, "in")
-    assert decide(recorded, lr, False, True) .action == "rerun"
+    assert decide(recorded, lr, False, True).action == "restart"
     assert decide(recorded, same, True, True, forced="--from-stage") == decide(recorded, same, True, True, "--from-stage")
     assert decide(recorded, same, True, True, forced="--from-stage").action == "rerun"
 
@@ -138,3 +138,12 @@ def test_korch_status_cli_prints_the_table(stand_in, tmp_path, capsys):
     assert "first   done" in out and "second  done" in out
     assert main(["status", str(tmp_path)]) == 2  # no job.yaml: one line, exit 2
     assert "not a korch job folder" in capsys.readouterr().err
+
+
+def test_an_unfinished_stage_whose_lr_changed_starts_over_and_says_so(stand_in, tmp_path, capsys):
+    job_module.run_job(_job(), str(tmp_path))
+    (tmp_path / "two" / "second" / "summary.json").unlink()  # as if it had been killed mid-run
+    capsys.readouterr()
+    job_module.run_job(_job(second_lr=5e-4), str(tmp_path))
+    assert "second: unfinished, and train.lr changed 0.001 → 0.0005; starting it over" in capsys.readouterr().out
+    assert stand_in == ["first", "second", "second"]

@@ -120,7 +120,7 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
             decision = plan.get(stage.name)
             if fresh and stage_dir.exists():
                 shutil.rmtree(stage_dir)
-            elif decision is not None and decision.action == "rerun":
+            elif decision is not None and decision.action in ("rerun", "restart"):
                 _keep_previous(job_dir, stage_dir)
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / "job.yaml").write_text(

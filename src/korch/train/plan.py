@@ -15,6 +15,8 @@ from korch.train.provenance import (PROVENANCE, Decision, Provenance, decide, fi
                                     output_hash, read_provenance)
 
 SUMMARY = "summary.json"
+AGAIN = ("run", "rerun", "restart")
+"""The actions that produce new outputs, so every stage downstream runs again too."""
 
 
 def upstream(stage: StageConfig) -> list[str]:
@@ -64,7 +66,7 @@ def plan_job(job: JobConfig, job_dir: Path, from_stage: str | None = None) -> di
         decision = decide(read_provenance(stage_dir), current_provenance(job, stage.name, job_dir), finished,
                           started=stage_started(stage_dir), forced=forced)
         plan[stage.name] = decision
-        if decision.action in ("run", "rerun"):
+        if decision.action in AGAIN:
             rerun.add(stage.name)
     return plan
 
@@ -81,15 +83,20 @@ def describe_plan(job: JobConfig, plan: dict[str, Decision]) -> list[str]:
         why = "; ".join(_changed(reason) for reason in decision.reasons)
         if decision.action == "resume":
             lines.append(f"{stage.name}: {why} (resume-safe); resuming from its latest checkpoint")
-        elif decision.action == "rerun" and not decision.reasons[0].endswith(" runs again"):
-            again = [stage.name, *[n for n in downstream[stage.name] if plan.get(n) and plan[n].action in ("run", "rerun")]]
-            lines.append(f"{stage.name}: {why}; re-running {', '.join(again)}")
+        elif decision.action in ("rerun", "restart") and not decision.reasons[0].endswith(" runs again"):
+            again = [stage.name, *[n for n in downstream[stage.name] if plan.get(n) and plan[n].action in AGAIN]]
+            if decision.action == "restart":
+                lines.append(f"{stage.name}: unfinished, and {why}; starting it over instead of resuming; "
+                             f"re-running {', '.join(again)}")
+            else:
+                lines.append(f"{stage.name}: {why}; re-running {', '.join(again)}")
     return lines
 
 
 def plan_table(job: JobConfig, plan: dict[str, Decision]) -> str:
     """`korch run --dry-run`: one line per stage, what it would do and why."""
-    words = {"skip": "skip (unchanged)", "resume": "resume", "run": "run", "rerun": "re-run"}
+    words = {"skip": "skip (unchanged)", "resume": "resume", "run": "run", "rerun": "re-run",
+             "restart": "start over (unfinished)"}
     lines = []
     for stage in job.stages:
         decision = plan[stage.name]

@@ -181,7 +181,8 @@ def write_provenance(stage_dir: Path, record: Mapping[str, Any]) -> None:
 @dataclass(frozen=True)
 class Decision:
     action: str
-    """`skip` (reuse the finished stage), `resume`, `run` (nothing to reuse) or `rerun` (start over)."""
+    """`skip` (reuse the finished stage), `resume`, `run` (nothing to reuse), `rerun` (a finished stage runs
+    again) or `restart` (an unfinished one starts over instead of resuming)."""
     reasons: tuple[str, ...] = ()
 
 
@@ -193,7 +194,7 @@ def decide(recorded: Mapping[str, Any] | None, current: Provenance, finished: bo
     provenance existed (no korch.json) is reused, as korch always did.
     """
     if forced:
-        return Decision("rerun" if (finished or started) else "run", (forced,))
+        return Decision("rerun" if finished else "restart" if started else "run", (forced,))
     if not finished and not started:
         return Decision("run")
     if recorded is None:
@@ -208,5 +209,5 @@ def decide(recorded: Mapping[str, Any] | None, current: Provenance, finished: bo
         return Decision("rerun", tuple(reasons)) if reasons else Decision("skip")
     unsafe = changed_fields(recorded.get("spec", {}), current.spec, ignore=RESUME_SAFE)
     if unsafe or len(reasons) > len(changed_fields(recorded.get("spec", {}), current.spec)):
-        return Decision("rerun", tuple(reasons))
+        return Decision("restart", tuple(reasons))
     return Decision("resume", tuple(reasons))
