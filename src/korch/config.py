@@ -344,11 +344,20 @@ StageConfig = create_model(
 StageConfig.__doc__ = "One stage of a job: its task, model, tokenizer, data, training, evaluation and scale."
 
 
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = None
+    """MLflow tracking server (e.g. `http://127.0.0.1:5000`); unset: `MLFLOW_TRACKING_URI` if set, else no MLflow. Each finished stage logs one run: the resolved spec as params, metrics.jsonl and eval.json as metrics, `final/` as an artifact. TensorBoard files (`<stage>/tb/`) are always written."""
+    experiment: str | None = None
+    """MLflow experiment name; unset: the job's name."""
+
+
 class JobConfig(_Strict):
     name: str = Field(pattern=_NAME)
     """Job name; outputs go to RUNS/<name>/."""
     stages: list[StageConfig] = Field(min_length=1)
     """Stages, run in order."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Where metrics go besides metrics.jsonl: TensorBoard always, MLflow when a server is named."""
 
     @model_validator(mode="after")
     def _stage_graph(self) -> "JobConfig":

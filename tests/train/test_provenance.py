@@ -23,6 +23,10 @@ def _write_final(stage, ctx) -> dict:
     final.mkdir(parents=True, exist_ok=True)
     parents = {name: (path / "final" / "config.json").read_text() for name, path in ctx.needs.items()}
     (final / "config.json").write_text(json.dumps({"lr": stage.train.lr, "parents": parents}))
+    with open(ctx.stage_dir / "metrics.jsonl", "w") as handle:
+        for step in (1, 2, 3):
+            handle.write(json.dumps({"step": step, "epoch": step / 3, "loss": 2.0 / step, "lr": stage.train.lr}) + "\n")
+    (ctx.stage_dir / "eval.json").write_text(json.dumps({"accuracy": 0.75}))
     return {"final_step": 3, "final_loss": stage.train.lr}
 
 
@@ -118,7 +122,7 @@ def test_status_and_dry_run_show_stale_stages(stand_in, tmp_path):
     assert [r.state for r in job_status(_job(), job_dir)] == ["not run", "not run"]
     job_module.run_job(_job(), str(tmp_path))
     rows = job_status(_job(), job_dir)
-    assert [(r.state, r.step, r.metric) for r in rows] == [("done", 3, "loss 0.001"), ("done", 3, "loss 0.001")]
+    assert [(r.state, r.step, r.metric) for r in rows] == [("done", 3, "accuracy 0.75"), ("done", 3, "accuracy 0.75")]
     # the first stage re-ran by hand (e.g. --stage first with another lr): the second is now stale
     job_module.run_job(_job(first_lr=2e-3), str(tmp_path), only=["first"])
     assert [r.state for r in job_status(_job(first_lr=2e-3), job_dir)] == ["done", "stale"]

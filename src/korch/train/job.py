@@ -153,6 +153,7 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
                                          "finished": True, "output": output_hash(stage_dir)})
             events.event("finish", step=summary.get("final_step"), seconds=summary["seconds"],
                          loss=summary.get("final_loss"))
+            _track(job, stage, stage_dir)
             summaries[stage.name] = summary
     finally:
         if ray_mode:
@@ -160,6 +161,22 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
 
             ray.shutdown()
     return summaries
+
+
+def _track(job: JobConfig, stage: StageConfig, stage_dir: Path) -> None:
+    """Log the finished stage to MLflow when a server is named; a tracking outage warns and never fails the job."""
+    from korch.train.tracking import log_stage_to_mlflow, mlflow_uri
+
+    uri = mlflow_uri(job.tracking.mlflow_uri)
+    if not uri:
+        return
+    try:
+        run_id = log_stage_to_mlflow(uri, job.tracking.experiment or job.name, stage_dir, stage.model_dump(mode="json"))
+    except Exception as exc:  # noqa: BLE001 (any client or server error)
+        print(f"[korch] warning: {stage.name}: MLflow logging to {uri} failed: {type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
+        return
+    print(f"[korch] {stage.name}: logged to MLflow {uri} (run {run_id})", flush=True)
 
 
 def _keep_previous(job_dir: Path, stage_dir: Path) -> None:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from korch.train.tracking import TensorBoardSink
+
 
 class RunLog:
     def __init__(self, stage_dir: str, echo: bool = True):
@@ -20,6 +22,7 @@ class RunLog:
         self.echo = echo
         self.starts: dict[int, int] = {}
         self.last_step = 0
+        self.tensorboard = TensorBoardSink(self.stage_dir)
 
     def _append(self, name: str, row: dict) -> None:
         with open(self.stage_dir / name, "a", encoding="utf-8") as handle:
@@ -40,6 +43,7 @@ class RunLog:
     def metrics(self, row: dict) -> None:
         self.last_step = row.get("step", self.last_step)
         self._append("metrics.jsonl", row)
+        self.tensorboard.write(row)
         if self.echo:
             print(f"[korch] {self.stage_dir.name}: step {row['step']} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
                   f"lr {row['lr']:.2e} {row['samples_per_s']:.1f} samples/s", flush=True)
@@ -49,11 +53,13 @@ class RunLog:
         step, epoch = row.pop("step"), row.pop("epoch")
         self._append("metrics.jsonl", {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in row.items()},
                                        "time": time.time()})
+        self.tensorboard.write({"step": step, **row}, prefix="val/")
         if self.echo:
             shown = " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
             print(f"[korch] {self.stage_dir.name}: eval at step {step} epoch {epoch:.2f} {shown}", flush=True)
 
     def flush(self) -> bool:
+        self.tensorboard.flush()
         return True
 
 
