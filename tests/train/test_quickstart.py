@@ -37,6 +37,10 @@ def test_quickstart_outputs_load_and_loss_falls(quickstart):
     assert {"step", "epoch", "loss", "lr", "samples_per_s"} <= set(metrics[0])
     assert metrics[-1]["step"] == 200
     assert min(m["loss"] for m in metrics[-5:]) < metrics[0]["loss"] - 1.0, [m["loss"] for m in metrics]
+    from test_tracking import read_scalars  # TensorBoard's own reader gives back metrics.jsonl's losses
+
+    losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    assert [(step, pytest.approx(loss, rel=1e-6)) for step, loss in losses] == read_scalars(quickstart / "tb")["loss"]
 
     events = [e["event"] for e in read_jsonl(quickstart / "events.jsonl")]
     assert events[0] == "start" and events[-1] == "finish" and "checkpoint" in events
