@@ -9,7 +9,6 @@ korch writes, so a report can be made while a job runs, or long after, on any ma
 from __future__ import annotations
 
 import html
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -83,7 +82,7 @@ def _timeline(stages: dict[str, list[dict]], path: Path) -> None:
         for kind, (marker, color) in EVENT_MARKS.items():
             xs = [(e["time"] - origin) / 60 for e in events if e.get("event") == kind and isinstance(e.get("time"), (int, float))]
             if xs:
-                ax.scatter(xs, [row] * len(xs), marker=marker, color=color, label=kind if row == 0 or True else None, s=40)
+                ax.scatter(xs, [row] * len(xs), marker=marker, color=color, label=kind, s=40)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
