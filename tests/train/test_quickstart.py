@@ -42,6 +42,13 @@ def test_quickstart_outputs_load_and_loss_falls(quickstart):
     losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     assert [(step, pytest.approx(loss, rel=1e-6)) for step, loss in losses] == read_scalars(quickstart / "tb")["loss"]
 
+    report = korch("report", str(quickstart.parent), "--output", str(quickstart.parent.parent / "report"))
+    assert report.returncode == 0, report.stderr[-2000:]
+    from korch.report import train_series
+
+    assert train_series(metrics)["loss"] == losses  # the curve report draws is the logged one
+    assert {p.name for p in (quickstart.parent.parent / "report").iterdir()} >= {"index.html", "mlm-train.png", "timeline.png"}
+
     events = [e["event"] for e in read_jsonl(quickstart / "events.jsonl")]
     assert events[0] == "start" and events[-1] == "finish" and "checkpoint" in events
     assert all({"event", "step", "attempt", "time"} <= set(e) for e in read_jsonl(quickstart / "events.jsonl"))
