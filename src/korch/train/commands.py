@@ -12,6 +12,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from korch.train.job import run_job
 
     job = load_job(args.job, args.set)
+    if args.verbose:
+        import os
+
+        from korch.train.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     if args.dry_run:
         from pathlib import Path
 
@@ -81,6 +87,8 @@ def register(sub) -> None:
     p.add_argument("--stage", action="append", default=[], metavar="NAME", help="run only this stage (repeatable)")
     p.add_argument("--from-stage", default=None, metavar="NAME",
                    help="run NAME and every stage downstream of it again, even if unchanged")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's and the workers' own output too (by default it goes to RUNS/<job>/logs/)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what each stage would do (skip, resume, run, re-run) and why, and run nothing")
     p.set_defaults(func=_cmd_run)

@@ -26,6 +26,7 @@ import yaml
 from korch.config import JobConfig, StageConfig
 from korch.errors import UserError
 from korch.tasks import TASKS
+from korch.train.console import collect_ray_logs, quiet_driver_console, verbose
 from korch.train.plan import current_provenance, describe_plan, plan_job
 from korch.train.provenance import output_hash, read_provenance, write_provenance
 from korch.train.retrain import resolve_retrain
@@ -60,7 +61,8 @@ def start_ray(job: JobConfig, address: str | None) -> str | None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         print(f"[korch] joining the Ray cluster at {address}", flush=True)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose())
+        quiet_driver_console()
         return "joined"
     cpus = local_cpus_needed(job)
     print(f"[korch] starting a local Ray with {cpus} logical CPUs (machine has {os.cpu_count()})", flush=True)
@@ -81,7 +83,8 @@ def init_local_ray(num_cpus: int) -> None:
     from korch.data.pipeline import local_ray_options
 
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
-    ray.init(**{**local_ray_options(num_cpus), "log_to_driver": True})
+    ray.init(**{**local_ray_options(num_cpus), "log_to_driver": verbose()})
+    quiet_driver_console()
 
 
 def _check_resources(stage: StageConfig, korch_started_ray: bool) -> None:
@@ -159,6 +162,10 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
         if ray_mode:
             import ray
 
+            if ray_mode == "local":
+                logs = collect_ray_logs(job_dir)
+                if logs:
+                    print(f"[korch] Ray and worker logs: {logs}", flush=True)
             ray.shutdown()
     return summaries
 

@@ -70,4 +70,5 @@ def start_run_log(stage_dir: str, name: str):
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(RunLog)
     strategy = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return actor_cls.options(name=name, scheduling_strategy=strategy, lifetime=None).remote(stage_dir)
+    # The driver's ProgressView prints progress from the files; the actor's own prints would only reach a worker log.
+    return actor_cls.options(name=name, scheduling_strategy=strategy, lifetime=None).remote(stage_dir, echo=False)

@@ -63,6 +63,7 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
     from korch.tasks import TASKS
     from korch.train.deepspeed_config import build_deepspeed_config
     from korch.train.loop import FAIL_ENV, TrainLoopConfig, plan_steps, train_loop_per_worker
+    from korch.train.progress import ProgressView
     from korch.train.runlog import start_run_log
     from korch.train.scaling import build_failure_config, build_scaling_config, build_torch_config
 
@@ -107,6 +108,8 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=stage.train.keep_checkpoints),
         ),
     )
+    view = ProgressView(ctx.stage_dir, stage.name, total_steps)
+    view.start()
     try:
         result = trainer.fit()
         error = result.error
@@ -114,6 +117,7 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
         result, error = None, exc
     finally:
         ray.kill(log)
+        view.stop()
     if error:
         raise StageFailed(f"stage {stage.name} failed after {max(dist.max_failures, 0)} allowed worker failure(s): "
                           f"{_first_cause(error)}; checkpoints in {ctx.stage_dir / 'ray'} are kept, run the same "
