@@ -129,8 +129,13 @@ class Progress:
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)
-        print(f"korch data: {docs_in} docs read, {docs_out} kept, {rows} blocks, "
-              f"{docs_in / elapsed:.0f} docs/s, {rows / elapsed:.0f} rows/s, {elapsed:.0f}s", file=sys.stderr, flush=True)
+        line = (f"korch data: {docs_in} docs read, {docs_out} kept, {rows} blocks, "
+                f"{docs_in / elapsed:.0f} docs/s, {rows / elapsed:.0f} rows/s, {elapsed:.0f}s")
+        if sys.stderr.isatty():  # a terminal gets one line redrawn in place, ended by the last (forced) update
+            sys.stderr.write("\r\x1b[2K" + line + ("\n" if force else ""))
+            sys.stderr.flush()
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 def consume(tables: Iterable[pa.Table], cfg, cls_id: int, sep_id: int, out_dir: str,

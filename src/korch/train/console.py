@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 VERBOSE_ENV = "KORCH_VERBOSE"
@@ -36,25 +35,34 @@ class _Once(logging.Filter):
         return True
 
 
+def quiet_before_local_init() -> None:
+    """An embedded Ray's own notices (token auth on by default) say nothing to a laptop user; a cluster's do."""
+    if not verbose():
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+
+
 def quiet_driver_console() -> None:
-    """Ray's driver-side console handlers show warnings and errors only, each once; Ray Data draws no bars."""
+    """Ray's driver-side console handlers show warnings and errors only (Ray Data's: errors), each once; Ray Data
+    draws no bars."""
     if verbose():
         return
     once = _Once()
-    for name in ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray.")]]:
-        logger = logging.getLogger(name)
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
-                handler.setLevel(max(handler.level, logging.WARNING))
-                handler.addFilter(once)
+    logging.lastResort.addFilter(once)  # Ray loggers without handlers print through it
     try:
         from ray.data import DataContext
 
         context = DataContext.get_current()
+        logging.getLogger("ray.data").addFilter(lambda record: "Progress bars disabled" not in record.getMessage())
         context.enable_progress_bars = False
         context.enable_operator_progress_bars = False
-    except Exception:  # noqa: BLE001 (an older or newer Ray Data without these knobs: bars are cosmetic)
+    except Exception:  # noqa: BLE001 (a Ray Data without these knobs: bars are cosmetic)
         pass
+    for name in ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray.")]]:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(max(handler.level, logging.ERROR if name.startswith("ray.data") else logging.WARNING))
+                handler.addFilter(once)
 
 
 def collect_ray_logs(job_dir: Path) -> Path | None:

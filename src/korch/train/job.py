@@ -26,7 +26,7 @@ import yaml
 from korch.config import JobConfig, StageConfig
 from korch.errors import UserError
 from korch.tasks import TASKS
-from korch.train.console import collect_ray_logs, quiet_driver_console, verbose
+from korch.train.console import collect_ray_logs, quiet_before_local_init, quiet_driver_console, verbose
 from korch.train.plan import current_provenance, describe_plan, plan_job
 from korch.train.provenance import output_hash, read_provenance, write_provenance
 from korch.train.retrain import resolve_retrain
@@ -83,6 +83,7 @@ def init_local_ray(num_cpus: int) -> None:
     from korch.data.pipeline import local_ray_options
 
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    quiet_before_local_init()
     ray.init(**{**local_ray_options(num_cpus), "log_to_driver": verbose()})
     quiet_driver_console()
 
