@@ -210,7 +210,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                       {"step": global_step, "epoch": epoch + (1 if epoch_end else 0), "loss": last_loss,
                        "world_size": world_size, "seed": train.seed, "stopped_early": stopped_early,
                        **selection.state()},
-                      export_hf=epoch_end)
+                      export_hf=epoch_end, metrics=evaluation if epoch_end else None)
             if stopped_early and is_rank_zero:
                 log.event.remote("early_stop", step=global_step, attempt=attempt, **selection.describe())
             if epoch_end or global_step >= total_steps or stopped_early:
@@ -348,7 +348,7 @@ def _memory_mb(device) -> float:
 
 
 def _save(engine, optimizer, scheduler, task, cfg: TrainLoopConfig, rank: int, attempt: int, log, swa, state: dict,
-          export_hf: bool) -> None:
+          export_hf: bool, metrics: dict | None = None) -> None:
     import tempfile
 
     import ray.train
@@ -368,7 +368,12 @@ def _save(engine, optimizer, scheduler, task, cfg: TrainLoopConfig, rank: int, a
                 target = Path(cfg.stage_dir) / f"checkpoint-{state['step']}"
                 ckpt.atomic_publish(lambda d: _write_hf(engine.module, task, weights, d), target)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": state["step"], "loss": state["loss"]}, checkpoint=checkpoint)
+        # An epoch end's evaluation rides along (numbers only, as eval_<name>), so a tuning campaign sees
+        # per-epoch metrics.
+        scalars = {f"eval_{k}": v for k, v in (metrics or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        ray.train.report({"step": state["step"], "loss": state["loss"], "epoch": state["epoch"], **scalars},
+                         checkpoint=checkpoint)
     if rank == 0:
         log.event.remote("checkpoint", step=state["step"], attempt=attempt, epoch=state["epoch"],
                          hf_folder=f"checkpoint-{state['step']}" if export_hf else None)

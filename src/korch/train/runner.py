@@ -105,6 +105,7 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
             storage_path=str((ctx.stage_dir / "ray").resolve()),
             failure_config=build_failure_config(dist),
             checkpoint_config=CheckpointConfig(num_to_keep=stage.train.keep_checkpoints),
+            callbacks=list(ctx.extra.get("train_callbacks", [])),  # e.g. a tuning trial's per-epoch reports
         ),
     )
     try:
