@@ -20,6 +20,17 @@ from korch.config import EvalConfig, ModelConfig, TrainConfig
 
 FAIL_ENV = "KORCH_FAIL_AT_STEP"
 
+TRAIN_API: Any = None
+"""Stand-in for `ray.train` (get_context, get_checkpoint, report, Checkpoint). None: Ray Train's own. A tuning
+trial with one worker runs the loop in its own Tune process, without a nested Ray Train run, and puts its
+stand-in here (`korch.tune.trial`)."""
+
+
+def _train_api():
+    import ray.train
+
+    return TRAIN_API or ray.train
+
 
 class TrainLoopConfig(BaseModel):
     """Everything a worker needs, as plain data: it crosses the Ray boundary as a dict."""
@@ -90,7 +101,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     from korch.train.swa import SwaWindow, load_full_weights
 
     cfg = TrainLoopConfig.model_validate(config)
-    context = ray.train.get_context()
+    context = _train_api().get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     is_rank_zero = rank == 0
     log = ray.get_actor(cfg.log_actor)
@@ -109,7 +120,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     micro_per_epoch = steps_per_epoch * train.grad_accum
 
     # Resume source: Ray's latest checkpoint after a worker-group restart, else an explicit one.
-    resume_dir, ray_checkpoint = None, ray.train.get_checkpoint()
+    resume_dir, ray_checkpoint = None, _train_api().get_checkpoint()
     if ray_checkpoint is not None:
         resume_dir = ray_checkpoint.to_directory()
     elif cfg.resume_from:
@@ -367,12 +378,12 @@ def _save(engine, optimizer, scheduler, task, cfg: TrainLoopConfig, rank: int, a
             if export_hf:
                 target = Path(cfg.stage_dir) / f"checkpoint-{state['step']}"
                 ckpt.atomic_publish(lambda d: _write_hf(engine.module, task, weights, d), target)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            checkpoint = _train_api().Checkpoint.from_directory(tmp)
         # An epoch end's evaluation rides along (numbers only, as eval_<name>), so a tuning campaign sees
         # per-epoch metrics.
         scalars = {f"eval_{k}": v for k, v in (metrics or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        ray.train.report({"step": state["step"], "loss": state["loss"], "epoch": state["epoch"], **scalars},
+        _train_api().report({"step": state["step"], "loss": state["loss"], "epoch": state["epoch"], **scalars},
                          checkpoint=checkpoint)
     if rank == 0:
         log.event.remote("checkpoint", step=state["step"], attempt=attempt, epoch=state["epoch"],

@@ -102,7 +102,9 @@ def run_campaign(req: TuneRequest) -> dict:
     ray_started = _start_ray(job, stage, req.max_concurrent)
     try:
         shared = _prepare_once(stage, campaign_dir, space)
-        setup = {"campaign_dir": str(campaign_dir), "raw_job": raw, "stage": stage_name, "fixed": space.fixed,
+        # Trials run in Tune's working folders: they get the validated job, whose paths are already absolute.
+        setup = {"campaign_dir": str(campaign_dir), "raw_job": job.model_dump(mode="json"), "stage": stage_name,
+                 "fixed": space.fixed,
                  "metric": space.metric, **shared}
         outcome = _search(req, space, stage, setup, campaign_dir, window, state)
         outputs = write_outputs(campaign_dir, space, max_epochs(stage), raw, job.name, stage_name, state["storage"])
@@ -216,20 +218,27 @@ def _search(req: TuneRequest, space, stage, setup: dict, campaign_dir: Path, win
                      if req.sampler == "tpe" else FIFOScheduler())
     progress = Progress(campaign_dir, study, space.mode, max_epochs(stage), window.search_end)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0.01}),
+        # A one-worker trial trains in the trial's own process, which then needs the worker's CPUs; a bigger
+        # one only waits on its nested Ray Train run, which reserves the workers' resources itself.
+        tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                            {"cpu": stage.distributed.cpus_per_worker if stage.distributed.num_workers == 1 else 0.01}),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=space.metric, mode=space.mode,
                                     num_samples=remaining, max_concurrent_trials=req.max_concurrent),
         run_config=tune.RunConfig(name=f"session-{state['sessions']}", storage_path=str(campaign_dir / "ray"),
                                   stop=WindowStopper(window.search_end), callbacks=[progress], verbose=0),
     )
     began = time.time()
+    trial_seconds = 0.0
     try:
-        tuner.fit()
+        grid = tuner.fit()
+        # Tune's own clock of each trial's function (start to its last report): the in-trial time.
+        trial_seconds = sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in grid)
     finally:
         # Trials still running at the window's end (or on Ctrl-C) keep the last epoch they reported.
         late = close_running(study, "deadline" if time.time() >= window.search_end - 1 else "interrupted")
         progress.refresh(final=True)
-    return {"done_before": done, "ran_seconds": round(time.time() - began, 1), "stopped_at_window_end": late,
+    return {"done_before": done, "ran_seconds": round(time.time() - began, 1), "trial_seconds": round(trial_seconds, 1),
+            "stopped_at_window_end": late,
             "refused_for_time": bool(getattr(searcher, "refused", False))}
 
 

@@ -39,6 +39,72 @@ class EpochReport(TuneReportCallback):
         self._training_actor_item_queue.put(result)
 
 
+class _OneWorkerContext:
+    def get_world_rank(self) -> int:
+        return 0
+
+    def get_world_size(self) -> int:
+        return 1
+
+    def get_local_rank(self) -> int:
+        return 0
+
+
+class InTrialTrainAPI:
+    """What the loop asks of `ray.train`, for a loop running in the Tune trial's own process (one worker).
+
+    Spares each trial a nested Ray Train run (a controller and a worker process, each importing torch and
+    DeepSpeed: tens of seconds per trial on 2 busy cores). Epoch-end reports go to `ray.tune.report`;
+    checkpoints are not kept, since a stopped trial is never continued (a new trial is asked instead).
+    """
+
+    def __init__(self, metric: str):
+        import ray.train
+
+        self.metric = metric
+        self.Checkpoint = ray.train.Checkpoint
+
+    def get_context(self) -> _OneWorkerContext:
+        return _OneWorkerContext()
+
+    def get_checkpoint(self):
+        return None
+
+    def report(self, metrics: dict, checkpoint=None) -> None:
+        from ray import tune
+
+        if f"eval_{self.metric}" in metrics:
+            result = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}
+            tune.report({**result, "epoch": metrics.get("epoch"), "step": metrics.get("step"),
+                         "train_loss": metrics.get("loss")})
+
+
+def _launch_in_trial(metric: str):
+    """The runner's `launch` hook: the loop, here, as rank 0 of a one-process gloo group."""
+
+    def launch(loop_config: dict):
+        import socket
+
+        import torch.distributed as dist
+
+        from korch.train import loop
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          LOCAL_WORLD_SIZE="1")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        loop.TRAIN_API = InTrialTrainAPI(metric)
+        try:
+            return loop.train_loop_per_worker(loop_config)
+        finally:
+            loop.TRAIN_API = None
+            dist.destroy_process_group()
+
+    return launch
+
+
 def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """The function trainable. `setup` (constant over trials) holds the raw job, stage name, fixed params,
     metric and the shared tokenizer / prepared data."""
@@ -54,7 +120,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     stage = JobConfig.model_validate(raw).stage(setup["stage"])
     (trial_dir / "params.json").write_text(json.dumps(params, indent=1))
     ctx = StageContext(stage_dir=trial_dir, tokenizer_dir=setup.get("tokenizer_dir"), fresh_run=True,
-                       extra={"train_callbacks": [EpochReport(setup["metric"])]})
+                       extra={"train_callbacks": [EpochReport(setup["metric"])],
+                              "launch": _launch_in_trial(setup["metric"])})
     if setup.get("prepared_data") and not (trial_dir / "data").exists():
         os.symlink(setup["prepared_data"], trial_dir / "data")  # the data is fingerprinted: reused, not redone
     began = time.perf_counter()
