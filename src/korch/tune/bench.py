@@ -43,7 +43,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     from korch.tune.study import STUDY_NAME, default_storage, open_storage, trial_metric
 
     runs = Path(args.runs_dir).resolve()
-    job = load_job(args.job)
+    job = load_job(args.job, args.set)
     space = load_space(args.space)
     stage = job.stage(pick_stage(job, None))
     import ray
@@ -53,7 +53,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         ctx = StageContext(stage_dir=runs / "shared")
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = resolve_tokenizer(stage, ctx, TASKS[stage.task].load_trainer())
-        overrides = [f"stages.{stage.name}.tokenizer.path={tokenizer}"]
+        overrides = [*args.set, f"stages.{stage.name}.tokenizer.path={tokenizer}"]
         results: dict[str, dict] = {}
         for method in ("tpe", "random", "grid"):
             request = TuneRequest(job=args.job, space=args.space, runs_dir=str(runs / method), overrides=overrides,
@@ -94,4 +94,5 @@ def register(bench) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid-per-range", type=int, default=2, help="grid values per searched range")
     p.add_argument("--runs-dir", default="runs/bench-tune")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a job field (all methods)")
     p.set_defaults(func=_cmd)

@@ -72,10 +72,15 @@ def trial_metric(trial) -> float | None:
     return None
 
 
+def trial_epochs(trial) -> int:
+    """Epochs a trial reported (the searcher records it at the end: Tune's last report skips on_trial_result)."""
+    return int(trial.user_attrs.get("epochs", len(trial.intermediate_values)))
+
+
 def trial_status(trial, max_epochs: int) -> str:
     state = trial.state.name
     if state == "COMPLETE":
-        return "complete" if len(trial.intermediate_values) >= max_epochs else "stopped_early"
+        return "complete" if trial_epochs(trial) >= max_epochs else "stopped_early"
     if state == "PRUNED":
         return f"stopped_{trial.user_attrs.get('stopped', 'pruned')}"
     return {"FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}.get(state, state.lower())
@@ -91,7 +96,7 @@ def build_leaderboard(trials: list, mode: str, max_epochs: int) -> list[dict[str
     for t in trials:
         metric = trial_metric(t)
         rows.append({"trial_id": t.number, "status": trial_status(t, max_epochs), "metric": metric,
-                     "epochs": len(t.intermediate_values), "params": json.dumps(t.params, sort_keys=True),
+                     "epochs": trial_epochs(t), "params": json.dumps(t.params, sort_keys=True),
                      "started_at": _iso(t.datetime_start), "finished_at": _iso(t.datetime_complete),
                      "folder": t.user_attrs.get("folder", "")})
     sign = -1.0 if mode == "max" else 1.0

@@ -158,6 +158,12 @@ class DeadlineOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr("tune_trial_id", trial_id)
         return {**params, TRIAL_KEY: ot_trial.number}
 
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        # Tune hands a trial's last report only to on_trial_complete, not on_trial_result: count epochs here.
+        if result and trial_id in self._ot_trials and "training_iteration" in result:
+            self._ot_trials[trial_id].set_user_attr("epochs", int(result["training_iteration"]))
+        super().on_trial_complete(trial_id, result, error)
+
     def save(self, checkpoint_path: str):
         pass
 
@@ -173,8 +179,6 @@ class FixedPointsSearch(Searcher):
         self.points, self.study, self.trials = list(points), study, {}
 
     def suggest(self, trial_id: str):
-        import optuna
-
         if not self.points:
             return Searcher.FINISHED
         point = self.points.pop(0)
@@ -183,7 +187,6 @@ class FixedPointsSearch(Searcher):
             trial.suggest_categorical(key, [value])
         trial.set_user_attr("folder", f"trials/trial-{trial.number:03d}")
         self.trials[trial_id] = trial
-        del optuna
         return {**point, TRIAL_KEY: trial.number}
 
     def on_trial_result(self, trial_id: str, result: dict):
@@ -194,5 +197,7 @@ class FixedPointsSearch(Searcher):
         from optuna.trial import TrialState
 
         value = (result or {}).get(self.metric)
+        if result and "training_iteration" in result:
+            self.trials[trial_id].set_user_attr("epochs", int(result["training_iteration"]))
         state = TrialState.COMPLETE if value is not None else TrialState.FAIL
         self.study.tell(self.trials[trial_id], value if value is not None else None, state=state)
