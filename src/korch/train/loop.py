@@ -20,6 +20,17 @@ from korch.config import EvalConfig, ModelConfig, TrainConfig
 
 FAIL_ENV = "KORCH_FAIL_AT_STEP"
 
+TRAIN_API: Any = None
+"""Stand-in for `ray.train` (get_context, get_checkpoint, report, Checkpoint). None: Ray Train's own. A tuning
+trial with one worker runs the loop in its own Tune process, without a nested Ray Train run, and puts its
+stand-in here (`korch.tune.trial`)."""
+
+
+def _train_api():
+    import ray.train
+
+    return TRAIN_API or ray.train
+
 
 class TrainLoopConfig(BaseModel):
     """Everything a worker needs, as plain data: it crosses the Ray boundary as a dict."""
@@ -90,7 +101,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     from korch.train.swa import SwaWindow, load_full_weights
 
     cfg = TrainLoopConfig.model_validate(config)
-    context = ray.train.get_context()
+    context = _train_api().get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     is_rank_zero = rank == 0
     log = ray.get_actor(cfg.log_actor)
@@ -109,7 +120,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     micro_per_epoch = steps_per_epoch * train.grad_accum
 
     # Resume source: Ray's latest checkpoint after a worker-group restart, else an explicit one.
-    resume_dir, ray_checkpoint = None, ray.train.get_checkpoint()
+    resume_dir, ray_checkpoint = None, _train_api().get_checkpoint()
     if ray_checkpoint is not None:
         resume_dir = ray_checkpoint.to_directory()
     elif cfg.resume_from:
@@ -210,7 +221,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                       {"step": global_step, "epoch": epoch + (1 if epoch_end else 0), "loss": last_loss,
                        "world_size": world_size, "seed": train.seed, "stopped_early": stopped_early,
                        **selection.state()},
-                      export_hf=epoch_end)
+                      export_hf=epoch_end, metrics=evaluation if epoch_end else None)
             if stopped_early and is_rank_zero:
                 log.event.remote("early_stop", step=global_step, attempt=attempt, **selection.describe())
             if epoch_end or global_step >= total_steps or stopped_early:
@@ -348,10 +359,8 @@ def _memory_mb(device) -> float:
 
 
 def _save(engine, optimizer, scheduler, task, cfg: TrainLoopConfig, rank: int, attempt: int, log, swa, state: dict,
-          export_hf: bool) -> None:
+          export_hf: bool, metrics: dict | None = None) -> None:
     import tempfile
-
-    import ray.train
 
     from korch.train import checkpoint as ckpt
 
@@ -367,8 +376,13 @@ def _save(engine, optimizer, scheduler, task, cfg: TrainLoopConfig, rank: int, a
             if export_hf:
                 target = Path(cfg.stage_dir) / f"checkpoint-{state['step']}"
                 ckpt.atomic_publish(lambda d: _write_hf(engine.module, task, weights, d), target)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": state["step"], "loss": state["loss"]}, checkpoint=checkpoint)
+            checkpoint = _train_api().Checkpoint.from_directory(tmp)
+        # An epoch end's evaluation rides along (numbers only, as eval_<name>), so a tuning campaign sees
+        # per-epoch metrics.
+        scalars = {f"eval_{k}": v for k, v in (metrics or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        _train_api().report({"step": state["step"], "loss": state["loss"], "epoch": state["epoch"], **scalars},
+                         checkpoint=checkpoint)
     if rank == 0:
         log.event.remote("checkpoint", step=state["step"], attempt=attempt, epoch=state["epoch"],
                          hf_folder=f"checkpoint-{state['step']}" if export_hf else None)

@@ -106,23 +106,31 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
             storage_path=str((ctx.stage_dir / "ray").resolve()),
             failure_config=build_failure_config(dist),
             checkpoint_config=CheckpointConfig(num_to_keep=stage.train.keep_checkpoints),
+            callbacks=list(ctx.extra.get("train_callbacks", [])),  # e.g. a tuning trial's per-epoch reports
         ),
     )
-    view = ProgressView(ctx.stage_dir, stage.name, total_steps)
-    view.start()
+    launch = ctx.extra.get("launch")  # a one-worker tuning trial runs the loop in its own process (korch.tune.trial)
+    # A tuning trial shows its progress in Tune's table; a stage of `korch run` gets the live line.
+    view = ProgressView(ctx.stage_dir, stage.name, total_steps) if launch is None else None
+    if view:
+        view.start()
     try:
-        result = trainer.fit()
-        error = result.error
+        if launch is not None and dist.num_workers == 1:
+            summary, error = launch(loop_config.model_dump(mode="json")), None
+        else:
+            result = trainer.fit()
+            summary, error = result.return_value, result.error
     except ray.train.TrainingFailedError as exc:  # Train V2 raises what V1 returned in `result.error`
-        result, error = None, exc
+        summary, error = None, exc
     finally:
         ray.kill(log)
-        view.stop()
+        if view:
+            view.stop()
     if error:
         raise StageFailed(f"stage {stage.name} failed after {max(dist.max_failures, 0)} allowed worker failure(s): "
                           f"{_first_cause(error)}; checkpoints in {ctx.stage_dir / 'ray'} are kept, run the same "
                           "command to resume")
-    summary = result.return_value or {}
+    summary = summary or {}
     evaluation = summary.get("eval", {"note": "no held-out split large enough to evaluate"})
     (ctx.stage_dir / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
     extra = {k: v for k, v in summary.items() if k not in ("step", "loss", "eval")}
