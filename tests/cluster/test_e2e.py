@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:ssl=None is d
 
 needs_quickstart = pytest.mark.skipif(not QUICKSTART.exists(), reason="jobs/quickstart.yaml (the lead's) is not there yet")
 
-# Keep the quickstart short (20 steps on 300 documents): this tests submission, not training quality. On a 2-CPU head, 2 workers x 1 CPU
+# Keep the quickstart short (6 steps on 150 documents): this tests submission, not training quality. On a 2-CPU head, 2 workers x 1 CPU
 # would leave no CPU for Ray Data's read tasks (they deadlock), so the workers take half a CPU each.
-SHORT = ["--set", "stages.mlm.train.max_steps=20", "--set", "stages.mlm.train.checkpoint_every_steps=10",
-         "--set", "stages.mlm.distributed.cpus_per_worker=0.5", "--set", "stages.mlm.data.max_docs=300",
+SHORT = ["--set", "stages.mlm.train.max_steps=6", "--set", "stages.mlm.train.checkpoint_every_steps=3",
+         "--set", "stages.mlm.distributed.cpus_per_worker=0.5", "--set", "stages.mlm.data.max_docs=150",
          "--set", "stages.mlm.tokenizer.vocab_size=3000"]
 
 

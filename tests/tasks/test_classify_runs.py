@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "train"))  # the unpickling guard's helpers live beside the train tests
+from korch_runs import guard_env, guard_report  # noqa: E402
+
 NSMC = REPO.parent / "shared" / "data" / "nsmc" / "ratings_train.head5000.txt"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not NSMC.is_file(), reason="../shared/data is not available")]
 
@@ -103,8 +106,13 @@ def test_a_worker_failure_resumes_to_the_uninterrupted_run(nsmc_tiny, tmp_path):
     from safetensors.torch import load_file
 
     clean_stage, _ = nsmc_tiny
-    faulty = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path), env={"KORCH_FAIL_AT_STEP": "165"})
+    faulty = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path),
+                   env={"KORCH_FAIL_AT_STEP": "165", **guard_env(tmp_path, tmp_path / "guard.jsonl")})
     assert faulty.returncode == 0, faulty.stderr[-3000:]
+    # The Ray-restart resume read its checkpoint from the run folder, and nothing there was ever unpickled: the
+    # guard ran in the driver and in both workers of both attempts.
+    refused, patched = guard_report(tmp_path / "guard.jsonl")
+    assert refused == [] and patched >= 5, (refused, patched)
     faulty_stage = tmp_path / "nsmc-tiny" / "classify"
     events = read_jsonl(faulty_stage / "events.jsonl")
     assert [e["step"] for e in events if e["event"] == "failure"] == [165]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from korch_runs import PAYLOAD_MARKER, REPO, guard_env, guard_report, korch, plant_pickles, read_jsonl, small, write_job
+from korch_runs import PAYLOAD_MARKER, REPO, guard_env, guard_report, korch, plant_pickles, read_jsonl, small
 
 pytestmark = pytest.mark.slow
 
@@ -74,62 +74,10 @@ def test_rerun_skips_a_finished_stage_unless_a_result_field_changed(quickstart):
     assert status.returncode == 0 and re.search(r"mlm\s+done\s+200\s+\w+ [0-9.]+", status.stdout), status.stdout
 
 
-# --- worker failure: ZeRO-3, clean vs. failed at step 15 --------------------------------------------------
-# ZeRO-2's exact resume is the classify task's fault test (tests/tasks/test_classify_runs.py: losses, every
-# evaluation, final/best/swa weights); the tensors of ZeRO 0-3 restores are in test_resume_tensors.py.
-
-FAULT_STAGES = [{"name": f"zero{z}", "train": {"max_steps": 20, "checkpoint_every_steps": 10, "log_every_steps": 5},
-                 "eval": {"every": "never"}, "distributed": {"deepspeed": {"zero_stage": z}}} for z in (3,)]
-
-
-@pytest.fixture(scope="module")
-def fault_runs(quickstart, tmp_path_factory) -> Path:
-    """The same 2-worker ZeRO-3 stage run clean and with rank 1 exiting at step 15, under the
-    unpickling guard (the Ray-restart resume reads its checkpoint from the run folder)."""
-    root = tmp_path_factory.mktemp("fault")
-    job = write_job(root / "fault.yaml", quickstart, FAULT_STAGES)
-    clean = korch("run", str(job), "--runs-dir", str(root / "clean"), timeout=900)
-    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
-    faulty = korch("run", str(job), "--runs-dir", str(root / "faulty"), timeout=900,
-                   env={"KORCH_FAIL_AT_STEP": "15", **guard_env(root, root / "guard.jsonl")})
-    assert faulty.returncode == 0, faulty.stdout[-3000:] + faulty.stderr[-3000:]
-    return root
-
-
-@pytest.mark.parametrize("stage", ["zero3"])
-def test_worker_failure_resumes_from_the_checkpoint_and_repeats_the_clean_run(fault_runs, stage):
-    import torch
-    from safetensors.torch import load_file
-
-    clean, faulty = (fault_runs / kind / "quickstart" / stage for kind in ("clean", "faulty"))
-    events = read_jsonl(faulty / "events.jsonl")
-    failures = [e for e in events if e["event"] == "failure"]
-    resumes = [e for e in events if e["event"] == "resume"]
-    assert len(failures) == 1 and len(resumes) == 1, events
-    failure, resume = failures[0], resumes[0]
-    assert failure["rank"] == 1 and failure["step"] == 15
-    # The newest checkpoint before step 15 is step 10's: resuming from any other step is a bug.
-    assert resume["from_step"] == 10 and resume["attempt"] == 2 and resume["source"] == "ray"
-    # Every logged loss (steps 5..20, including the 15 and 20 that ran twice) and LR repeat the clean run's:
-    # the same weights, Adam moments, LR step and data position were restored.
-    clean_metrics = {m["step"]: m for m in read_jsonl(clean / "metrics.jsonl")}
-    faulty_metrics = read_jsonl(faulty / "metrics.jsonl")
-    assert sorted(clean_metrics) == [5, 10, 15, 20]
-    assert {m["step"] for m in faulty_metrics} == set(clean_metrics)
-    for row in faulty_metrics:
-        assert abs(row["loss"] - clean_metrics[row["step"]]["loss"]) < 1e-6, (row, clean_metrics[row["step"]])
-        assert row["lr"] == pytest.approx(clean_metrics[row["step"]]["lr"], rel=1e-9)
-    clean_final, faulty_final = (load_file(str(d / "final" / "model.safetensors")) for d in (clean, faulty))
-    assert clean_final.keys() == faulty_final.keys()
-    for name, tensor in clean_final.items():
-        torch.testing.assert_close(faulty_final[name], tensor, rtol=0, atol=1e-6, msg=name)
-
-
-def test_the_failure_resume_never_unpickled_a_run_file(fault_runs):
-    refused, patched = guard_report(fault_runs / "guard.jsonl")
-    assert refused == []
-    # The driver plus both training workers, twice (the restarted group): the guard really ran in them.
-    assert patched >= 5, patched
+# Worker failure and exact resume through the loop: the classify task's fault test (tests/tasks/
+# test_classify_runs.py: 2 workers, ZeRO-2, losses, every evaluation, final/best/swa weights, under the unpickling
+# guard). The tensors of ZeRO 0-3 restores on 2 -> 1 -> 2 and 2 -> 6 workers: test_resume_tensors.py. The ZeRO-3
+# export: test_stage_chain.py.
 
 
 def test_sigterm_then_rerun_continues_the_global_step(quickstart, tmp_path):
@@ -155,21 +103,6 @@ def test_sigterm_then_rerun_continues_the_global_step(quickstart, tmp_path):
     assert resume["from_step"] >= checkpointed
     metrics = read_jsonl(stage / "metrics.jsonl")
     assert metrics[-1]["step"] == 60
-
-
-def test_zero3_export_matches_in_memory_logits(fault_runs):
-    # The clean ZeRO-3 stage of the fault runs: its final/ must give the logits the partitioned model gave.
-    import torch
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    stage = fault_runs / "clean" / "quickstart" / "zero3"
-    in_memory = torch.tensor(json.loads((stage / "summary.json").read_text())["probe_logits"])
-    model = AutoModelForMaskedLM.from_pretrained(stage / "final").eval()
-    tokenizer = AutoTokenizer.from_pretrained(stage / "final")
-    encoded = tokenizer("한국어 문장으로 모델을 확인합니다.", return_tensors="pt")
-    with torch.no_grad():
-        exported = model(**encoded).logits[0, :, :8].flatten()
-    torch.testing.assert_close(exported, in_memory, rtol=1e-4, atol=1e-4)
 
 
 def _quickstart_lr(step: int, total: int) -> float:

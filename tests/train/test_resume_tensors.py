@@ -24,6 +24,11 @@ pytestmark = pytest.mark.slow
 # reorders the gradient all-reduce's float sums.
 NEXT_STEP_ATOL = 1e-6
 RESTORES = {"B": ("A", 2, 1), "C": ("B", 1, 2), "D": ("A", 2, 6)}  # run: (checkpoint's run, saved on, restored on)
+STAGES_OF = {"D": (1, 3)}  # the 6-worker restore checks ZeRO-1 and ZeRO-3 only (zero_resume_driver.py says why)
+
+
+def _runs_and_stages(runs):
+    return [pytest.param(run, stage, id=f"{run}-{stage}") for run in runs for stage in STAGES_OF.get(run, (0, 1, 2, 3))]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,7 @@ def resume_runs(tmp_path_factory) -> dict[str, dict]:
     return {name: json.loads((out / f"{name}.json").read_text()) for name in ("A", *RESTORES)}
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("run", sorted(RESTORES))
+@pytest.mark.parametrize("run,stage", _runs_and_stages(sorted(RESTORES)))
 def test_restore_gives_back_every_weight_and_adam_moment(resume_runs, run, stage):
     source, saved_on, restored_on = RESTORES[run]
     assert resume_runs[source]["world"] == saved_on and resume_runs[run]["world"] == restored_on
@@ -53,8 +57,7 @@ def test_restore_gives_back_every_weight_and_adam_moment(resume_runs, run, stage
     assert found["state"]["world_size"] == saved_on
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("run", sorted(RESTORES))
+@pytest.mark.parametrize("run,stage", _runs_and_stages(sorted(RESTORES)))
 def test_the_next_step_after_a_restore_matches_the_uninterrupted_run(resume_runs, run, stage):
     found = resume_runs[run][f"zero{stage}"]
     (diffs,) = [value for key, value in found.items() if key.startswith("after_")]
@@ -62,8 +65,7 @@ def test_the_next_step_after_a_restore_matches_the_uninterrupted_run(resume_runs
     assert worst < NEXT_STEP_ATOL, {k: v for k, v in diffs.items() if v >= NEXT_STEP_ATOL}
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("run", ["A", *sorted(RESTORES)])
+@pytest.mark.parametrize("run,stage", _runs_and_stages(["A", *sorted(RESTORES)]))
 def test_full_weights_go_into_a_live_engine_for_swa(resume_runs, run, stage):
     """SWA evaluates its averaged weights in the running engine: that works whatever ZeRO partitions."""
     assert resume_runs[run][f"zero{stage}"]["swa_forward"] < 1e-5
