@@ -63,3 +63,12 @@ def test_a_repeated_warning_reaches_the_console_once():
     record = logging.LogRecord("ray.train", logging.WARNING, __file__, 1, "Failed to query controller", None, None)
     assert [once.filter(record) for _ in range(3)] == [True, False, False]
     assert sys.stdout  # the filter is attached to console handlers only (korch.train.console.quiet_driver_console)
+
+
+def test_the_thread_starts_and_stops_with_the_stage(tmp_path):
+    out = io.StringIO()
+    view = ProgressView(tmp_path, "mlm", 10, out=out, poll_s=0.01)
+    view.start()
+    _append(tmp_path / "metrics.jsonl", {"step": 10, "loss": 1.0, "samples_per_s": 2.0, "time": 1.0})
+    view.stop()
+    assert not view.is_alive() and "step 10/10" in out.getvalue()

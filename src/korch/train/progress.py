@@ -87,15 +87,15 @@ class ProgressView(threading.Thread):
         self.printed_at: float | None = None
         self.shown_step = -1
         self.live = False
-        self._stop = threading.Event()
+        self._finished = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.poll):
+        while not self._finished.wait(self.poll):
             self.update()
         self.update(final=True)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._finished.set()
         self.join(timeout=10)
 
     def update(self, final: bool = False) -> None:
