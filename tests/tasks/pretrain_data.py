@@ -77,3 +77,28 @@ def train_losses(task, data: list[dict], steps: int, batch: int = 8, lr: float =
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+CLI_COREF_ARGS = ["--max-docs", str(DOCS), "--seq-len", "64", "--validation-fraction", "0.5", "--quiet"]
+
+
+@functools.lru_cache(maxsize=None)
+def coref_dir() -> str:
+    """`korch data coref` over the same documents (one Kiwi pass, shared by the task and CLI tests)."""
+    import tempfile
+
+    from korch.cli import main
+
+    out = str(Path(tempfile.mkdtemp(prefix="korch-coref-")) / "c")
+    assert main(["data", "coref", str(KOWIKI), "--output", out, "--tokenizer", tokenizer_dir(), *CLI_COREF_ARGS]) == 0
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def coref_blocks() -> tuple[dict, ...]:
+    """The coref dataset's blocks (both splits) that hold a masked mention."""
+    import pyarrow.parquet as pq
+
+    folder = Path(coref_dir())
+    found = [row for path in sorted(folder.glob("*/part-*.parquet")) for row in pq.read_table(path).to_pylist()]
+    return tuple(row for row in found if any(row["mention_later"]))

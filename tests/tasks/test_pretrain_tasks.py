@@ -4,7 +4,6 @@ coref pieces as data: mentions, repeated-mention selection, masking and Real@k s
 from __future__ import annotations
 
 import collections
-import functools
 
 import pytest
 import torch
@@ -20,17 +19,6 @@ def _task(name: str, **options):
     return cls(cls.Options(**options), ModelConfig(size="tiny"), data.tokenizer(), 64, {})
 
 
-@functools.lru_cache(maxsize=None)
-def _coref_blocks() -> tuple[dict, ...]:
-    from korch.data.coref import CorefPacker, DocumentMentions
-    from korch.data.preprocess import special_ids
-
-    encoder = DocumentMentions(data.tokenizer_dir())
-    packer = CorefPacker(64, *special_ids(data.tokenizer_dir()))
-    blocks = [b for i, text in enumerate(data.texts()) for b in packer.add(i, *encoder.encode(text))]
-    return tuple(b for b in blocks + list(packer.flush()) if any(b["mention_later"]))
-
-
 def _falls(losses: list[float]) -> bool:
     """One micro batch of tiny blocks masks a few dozen tokens, so single losses are noisy: compare tens."""
     return sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3
@@ -43,7 +31,7 @@ def _falls(losses: list[float]) -> bool:
     ("coref_mlm", {"noise_probability": 0.1}, None, 3e-2),
 ], ids=["mlm-whole-morpheme", "nsp_mlm", "span_mlm-sbo", "coref_mlm"])
 def test_each_objective_trains_and_its_loss_falls(name, options, morphemes, lr):
-    blocks = list(_coref_blocks() if morphemes is None else data.blocks(morphemes))
+    blocks = list(data.coref_blocks() if morphemes is None else data.blocks(morphemes))
     if name == "nsp_mlm":  # the loop's rows come shuffled, so a micro batch mixes documents
         blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))]
     task = _task(name, **options)

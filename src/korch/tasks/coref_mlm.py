@@ -49,28 +49,38 @@ def mask_mentions(input_ids: "torch.Tensor", starts: Sequence[Sequence[int]], en
     return inputs, labels, index
 
 
-def mention_hits(logits: "torch.Tensor", labels: "torch.Tensor", mention_index: "torch.Tensor",
-                 weight: "torch.Tensor | None" = None, k: int = 5) -> dict[str, "torch.Tensor"]:
-    """Sums over mentions: `mentions`, `hit1` (every token's gold is the top prediction), `hitk` (every token's
-    gold is within the top k). A row's weight (0 for padding rows) weighs its mentions."""
+def per_mention(logits: "torch.Tensor", labels: "torch.Tensor", mention_index: "torch.Tensor", k: int = 5
+                ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """Per masked mention, in (row, mention number) order: (all tokens' gold ranked first, all within the top k,
+    the mention's row). A multi-token mention counts only if every one of its tokens does."""
     import torch
 
     positions = mention_index >= 0
-    zero = torch.zeros((), dtype=torch.double)
     if not positions.any():
-        return {"mentions": zero, "hit1": zero.clone(), "hitk": zero.clone()}
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty
     top = logits[positions].topk(min(k, logits.shape[-1]), dim=-1).indices
     gold = labels[positions]
-    first = (top[:, 0] == gold).long()
-    within = (top == gold[:, None]).any(-1).long()
-    rows = positions.nonzero(as_tuple=True)[0]
-    key = rows * (int(mention_index.max()) + 1) + mention_index[positions]
+    first = (top[:, 0] == gold).long().cpu()
+    within = (top == gold[:, None]).any(-1).long().cpu()
+    rows = positions.nonzero(as_tuple=True)[0].cpu()
+    key = rows * (int(mention_index.max()) + 1) + mention_index[positions].cpu()
     mentions, group = torch.unique(key, return_inverse=True)
     all1 = torch.ones(len(mentions), dtype=torch.long).scatter_reduce(0, group, first, "amin")
     allk = torch.ones(len(mentions), dtype=torch.long).scatter_reduce(0, group, within, "amin")
     row_of = torch.zeros(len(mentions), dtype=torch.long).scatter_reduce(0, group, rows, "amax")
-    w = torch.ones(len(mentions), dtype=torch.double) if weight is None else weight.double().cpu()[row_of.cpu()]
-    return {"mentions": w.sum(), "hit1": (all1.double().cpu() * w).sum(), "hitk": (allk.double().cpu() * w).sum()}
+    return all1, allk, row_of
+
+
+def mention_hits(logits: "torch.Tensor", labels: "torch.Tensor", mention_index: "torch.Tensor",
+                 weight: "torch.Tensor | None" = None, k: int = 5) -> dict[str, "torch.Tensor"]:
+    """Sums over mentions of `per_mention`: `mentions`, `hit1`, `hitk`; a row's weight (0 for padding rows)
+    weighs its mentions."""
+    import torch
+
+    all1, allk, row_of = per_mention(logits, labels, mention_index, k)
+    w = torch.ones(len(all1), dtype=torch.double) if weight is None else weight.double().cpu()[row_of]
+    return {"mentions": w.sum(), "hit1": (all1.double() * w).sum(), "hitk": (allk.double() * w).sum()}
 
 
 class CorefMlmTask(MlmTask):
