@@ -306,6 +306,9 @@ class _StageBase(_Strict):
         if TASKS[self.task].trainer and train.epochs is None and train.max_steps is None and train.epochs_from is None \
                 and self.retrain_of is None:
             raise ValueError("set train.epochs, train.max_steps or train.epochs_from so the stage has an end")
+        if self.start_from != "final" and not (self.needs and TASKS[self.task].trainer):
+            raise ValueError(f"start_from {self.start_from} picks a model of the stage named in `needs`; set needs, "
+                             "or use model.pretrained / --from-checkpoint for a folder")
         if self.model.arch == "ngram" and self.task != "classify":
             raise ValueError(f"model.arch ngram is a classifier (a bag of n-grams, no encoder), but this stage runs "
                              f"task {self.task}; use it in a classify stage, or pick bert or deberta-v2")

@@ -99,3 +99,24 @@ def test_selection_by_real1_picks_the_best_epoch_and_records_every_score():
     assert [h["real1"] for h in selection.history] == scores and [h["epoch"] for h in selection.history] == [1, 2, 3, 4, 5]
     resumed = _Selection(EvalConfig(every="epoch", select_best="real1"), CorefMlmTask, selection.state())
     assert resumed.history == selection.history and resumed.describe() == described
+
+
+def test_a_later_stage_starts_from_best_or_a_checkpoint_of_the_stage_it_needs(tmp_path):
+    from pydantic import ValidationError
+
+    from korch.config import JobConfig
+    from korch.train.job import _stage_context
+
+    stage = {"task": "coref_mlm", "data": {"inputs": [str(data.KOWIKI)]}, "train": {"max_steps": 1}}
+    for folder in ("best", "checkpoint-40"):
+        (tmp_path / "mlm" / folder).mkdir(parents=True)
+        (tmp_path / "mlm" / folder / "config.json").write_text("{}")
+    for start in ("best", "checkpoint-40"):
+        job = JobConfig.model_validate({"name": "j", "stages": [{"name": "mlm", **stage},
+                                                                {"name": "ft", "needs": "mlm", "start_from": start, **stage}]})
+        assert _stage_context(job, tmp_path, job.stages[1], False, None).start_from == str(tmp_path / "mlm" / start)
+    with pytest.raises(ValidationError, match="start_from best picks a model of the stage named in `needs`"):
+        JobConfig.model_validate({"name": "j", "stages": [{"name": "mlm", "start_from": "best", **stage}]})
+    with pytest.raises(ValidationError, match="start_from"):
+        JobConfig.model_validate({"name": "j", "stages": [{"name": "mlm", **stage},
+                                                          {"name": "ft", "needs": "mlm", "start_from": "last", **stage}]})
