@@ -128,7 +128,9 @@ class CorefMlmTask(MlmTask):
                 "clean_ids": input_ids, "mention_index": index}
 
     def loss(self, model, batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # Without noise a micro batch can hold no repeated mention: its mean over no labels would be NaN.
+        return out.loss if bool((batch["labels"] != -100).any()) else out.logits.sum() * 0
 
     def eval_sums(self, model, batch, weight):
         import torch
