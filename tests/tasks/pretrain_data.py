@@ -40,14 +40,16 @@ def tokenizer():
 
 @functools.lru_cache(maxsize=None)
 def blocks(morphemes: bool, seq_len: int = 64) -> tuple[dict, ...]:
-    """Packed blocks (`korch.data.packing` rows) of the kowiki documents."""
+    """Packed blocks (`korch.data.packing` rows) of the kowiki documents. With `morphemes` Kiwi also splits
+    sentences (what NSP pairs need); without, no Kiwi runs at all (eojeol word starts need none), which saves
+    the suite a Kiwi pass."""
     import collections
 
     from korch.config import DataConfig
     from korch.data.packing import pack_documents
     from korch.data.preprocess import DocumentProcessor, special_ids
 
-    cfg = DataConfig(inputs=[str(KOWIKI)], morphemes=morphemes, seq_len=seq_len)
+    cfg = DataConfig(inputs=[str(KOWIKI)], morphemes=morphemes, split_sentences=morphemes, seq_len=seq_len)
     out = DocumentProcessor(cfg, tokenizer_dir()).process(texts(), collections.Counter())
     docs = [(i, ids, ss, ws) for i, (ids, ss, ws) in enumerate(zip(out["ids"], out["sent_starts"], out["word_starts"]))]
     return tuple(pack_documents(docs, seq_len, *special_ids(tokenizer_dir())))

@@ -33,10 +33,10 @@ def test_eval_coref_writes_real_k_lambada_and_the_baseline(tmp_path):
     model = AutoModelForMaskedLM.from_config(build_model_config(ModelConfig(size="tiny"), len(tokenizer), 64))
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    assert main(["eval", "coref", "--model", str(tmp_path / "m"), "--data", out, "--limit", "50",
+    assert main(["eval", "coref", "--model", str(tmp_path / "m"), "--data", out, "--limit", "20",
                  "--output", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e" / "eval.json").read_text())
-    assert set(result["n"]) == {"real1", "real5", "lambada1"} and 0 < result["n"]["real1"] <= 50
+    assert set(result["n"]) == {"real1", "real5", "lambada1"} and 0 < result["n"]["real1"] <= 20
     assert 0 <= result["real1"] <= result["real5"] <= 1 and result["lambada1"] is not None
     assert result["baseline_real1"] is not None
 

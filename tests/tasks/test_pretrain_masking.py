@@ -89,7 +89,7 @@ def test_nsp_pairs_are_document_aware_and_half_random():
     from korch.tasks.nsp_mlm import block_sentences, build_pair
 
     # Micro batches as the loop reads them: rows in a shuffled order, so a batch mixes documents.
-    blocks = [data.blocks(False)[i] for i in torch.randperm(len(data.blocks(False)), generator=torch.Generator().manual_seed(0))]
+    blocks = [data.blocks(True)[i] for i in torch.randperm(len(data.blocks(True)), generator=torch.Generator().manual_seed(0))]
     generator = torch.Generator().manual_seed(1)
     labels = []
     for start in range(0, 1600, 8):

@@ -26,7 +26,7 @@ def _falls(losses: list[float]) -> bool:
 
 @pytest.mark.parametrize("name,options,morphemes,lr", [
     ("mlm", {"whole_word": "morpheme"}, True, 3e-2),
-    ("nsp_mlm", {}, False, 1e-2),
+    ("nsp_mlm", {}, True, 1e-2),
     ("span_mlm", {"boundary_objective": True}, False, 3e-2),
     ("coref_mlm", {"noise_probability": 0.1}, None, 3e-2),
 ], ids=["mlm-whole-morpheme", "nsp_mlm", "span_mlm-sbo", "coref_mlm"])
