@@ -272,6 +272,8 @@ class _StageBase(_Strict):
     """What the stage does; see the task list in the README (`korch tasks`)."""
     needs: str | list[str] | None = None
     """Earlier stage(s) this stage builds on. A trained stage starts from the `final/` model (and tokenizer) of the one it names, or reads its shards if it is a data_prepare stage; a task that combines models (`ensemble`) names several."""
+    start_from: str = Field(default="final", pattern=r"^(final|best|swa|checkpoint-[0-9]+)$")
+    """Which model of the trained stage named in `needs` this stage starts from: `final`, `best` (the epoch its `eval.select_best` picked), `swa`, or `checkpoint-<step>` (an epoch end's export)."""
     retrain_of: str | list[str] | None = None
     """Full-data retrain: run the spec of this earlier stage (or of the best of these, by their `eval.select_best` value) on train + validation (`data.train_on_validation`) for its best epoch count, with no held-out evaluation. The stage's own `distributed` section applies when set; its other sections are ignored."""
     model: ModelConfig = ModelConfig()
@@ -304,6 +306,9 @@ class _StageBase(_Strict):
         if TASKS[self.task].trainer and train.epochs is None and train.max_steps is None and train.epochs_from is None \
                 and self.retrain_of is None:
             raise ValueError("set train.epochs, train.max_steps or train.epochs_from so the stage has an end")
+        if self.start_from != "final" and not (self.needs and TASKS[self.task].trainer):
+            raise ValueError(f"start_from {self.start_from} picks a model of the stage named in `needs`; set needs, "
+                             "or use model.pretrained / --from-checkpoint for a folder")
         if self.model.arch == "ngram" and self.task != "classify":
             raise ValueError(f"model.arch ngram is a classifier (a bag of n-grams, no encoder), but this stage runs "
                              f"task {self.task}; use it in a classify stage, or pick bert or deberta-v2")

@@ -73,8 +73,58 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_for(output: str, tokenizer_dir: str | None, cfg, vocab_size: int, docs: int,
+                   pre_tokenize: str = "whitespace") -> str:
+    """`--tokenizer`, else one trained on the inputs into OUTPUT/tokenizer (reused when already there)."""
+    if tokenizer_dir is None:
+        tokenizer_dir = os.path.join(output, "tokenizer")
+        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+            import itertools
+
+            from .readers import iter_documents
+            from .tokenizer import train_wordpiece
+
+            print(f"[korch] no --tokenizer given: training a WordPiece vocabulary ({vocab_size}) into {tokenizer_dir}",
+                  flush=True)
+            train_wordpiece(itertools.islice(iter_documents(list(cfg.inputs), cfg), docs), tokenizer_dir, vocab_size, 2,
+                            pre_tokenize)
+    elif not os.path.isdir(tokenizer_dir):
+        raise UserError(f"--tokenizer '{tokenizer_dir}' is not a folder; give a Hugging Face tokenizer folder or leave it out")
+    return tokenizer_dir
+
+
+def _cmd_coref(args: argparse.Namespace) -> int:
+    from .coref import build_coref_dataset
+
+    cfg = build_data_config(args.inputs, None, {"seq_len": args.seq_len, "max_docs": args.max_docs,
+                                                "validation_fraction": args.validation_fraction})
+    output = os.path.abspath(args.output)
+    tokenizer_dir = _tokenizer_for(output, args.tokenizer, cfg, args.vocab_size, args.tokenizer_docs, args.pre_tokenize)
+    manifest = build_coref_dataset(cfg, tokenizer_dir, output, progress=not args.quiet)
+    splits = manifest["splits"]
+    print(f"{manifest['mentions']} mentions ({splits['train']['mentions']} train, {splits['validation']['mentions']} "
+          f"validation) in {manifest['rows']} blocks of {manifest['docs_out']} documents -> {output}")
+    return 0
+
+
 def register(sub) -> None:
     data = sub.add_parser("data", help="corpus tools").add_subparsers(dest="data_cmd", required=True, metavar="CMD")
+    p = data.add_parser("coref", help="build the entity-coreference dataset (repeated proper-noun mentions per block); "
+                        "prints N mentions")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="corpus files, folders or globs (txt/jsonl/parquet/wiki)")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N", help="tokens per block (default 128)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="Hugging Face fast tokenizer folder; default: train "
+                   "one into OUTPUT/tokenizer")
+    p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size when training a tokenizer")
+    p.add_argument("--pre-tokenize", choices=["whitespace", "morphemes"], default="whitespace",
+                   help="what a trained tokenizer learns its vocabulary from")
+    p.add_argument("--tokenizer-docs", type=int, default=50_000, help="train the tokenizer on at most this many documents")
+    p.add_argument("--max-docs", type=int, default=None, metavar="N", help="read at most N documents")
+    p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F",
+                   help="share of documents held out (by text hash) for evaluation (default 0.1)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_coref)
     p = data.add_parser("prepare", help="clean, sentence-split (Kiwi), tokenize and pack a corpus into parquet shards + manifest.json")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs or URIs (s3://, gs://) of txt/jsonl/parquet/wiki")
     p.add_argument("--output", required=True, metavar="DIR")

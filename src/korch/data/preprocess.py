@@ -9,7 +9,8 @@ Per document the Kiwi call is `kiwi.split_into_sents(paragraphs, return_tokens=c
 document over its paragraphs (lines), so paragraph breaks are always sentence breaks.
 
 Word starts (for whole-word masking): with `morphemes: true`, a token starts a word when it begins at a
-Kiwi morpheme's first character (so 먹었다 -> 먹 | 었 | 다 groups); otherwise a token starts a word unless it
+Kiwi morpheme's first character outside earlier morphemes (so 먹었다 -> 먹 | 었 | 다 groups; see
+`morpheme_starts` for contractions); otherwise a token starts a word unless it
 is a WordPiece `##` continuation. Either way the field is filled.
 """
 
@@ -71,6 +72,18 @@ def special_ids(tokenizer_dir: str) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
+def morpheme_starts(tokens, base: int = 0) -> list[int]:
+    """Char offsets (from `base`) where a morpheme begins outside every earlier one. Kiwi gives contractions
+    overlapping spans (태어났다: 태어나 covers 61-64, 었 starts at 63); a start inside an earlier morpheme is
+    no word start, or whole-morpheme masking could take 었's token and leave half of 태어나."""
+    starts, reach = [], -1
+    for token in sorted(tokens, key=lambda t: t.start):
+        if token.start >= reach:
+            starts.append(token.start - base)
+        reach = max(reach, token.start + token.len)
+    return starts
+
+
 class DocumentProcessor:
     """Clean -> Kiwi sentences (and morphemes) -> WordPiece ids, for one process. Not picklable (holds Kiwi)."""
 
@@ -107,7 +120,7 @@ class DocumentProcessor:
             for sent_text, start, tokens in result_sents:
                 if sent_text.strip():
                     sents.append(sent_text)
-                    morph.append([t.start - start for t in tokens])
+                    morph.append(morpheme_starts(tokens, start))
         return sents, morph
 
     def process(self, docs: Iterable[str], bad: collections.Counter) -> dict[str, list]:

@@ -67,6 +67,11 @@ def build_mlm_model(model: ModelConfig, vocab_size: int, seq_len: int, pad_token
         net = load_pretrained(source, AutoModelForMaskedLM)
     else:
         net = AutoModelForMaskedLM.from_config(build_model_config(model, vocab_size, seq_len, pad_token_id))
+    return enable_checkpointing(net, model)
+
+
+def enable_checkpointing(net, model: ModelConfig):
+    """Turn on gradient checkpointing when `model.gradient_checkpointing` asks (long sequences: 1536/2048)."""
     if model.gradient_checkpointing:
         # transformers 5 renamed it to activation checkpointing; the old name still works there, with a warning.
         enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable

@@ -53,12 +53,26 @@ def register_task(info: TaskInfo) -> None:
 def _register_builtin() -> None:
     from korch.tasks.classify import ClassifyOptions
     from korch.tasks.ensemble import EnsembleOptions
+    from korch.tasks.coref_mlm import CorefMlmOptions
     from korch.tasks.mlm import MlmOptions
+    from korch.tasks.nsp_mlm import NspMlmOptions
+    from korch.tasks.span_mlm import SpanMlmOptions
 
     train_runner = "korch.train.runner:run_training_stage"
     register_task(TaskInfo(
         "mlm", "Masked-language-model pretraining (BERT-style 80/10/10 masking) on packed corpus blocks.",
         train_runner, options=MlmOptions, trainer="korch.tasks.mlm:MlmTask", rows="corpus"))
+    register_task(TaskInfo(
+        "nsp_mlm", "BERT pretraining: masked LM + next-sentence prediction on document-aware sentence pairs (bert only).",
+        train_runner, options=NspMlmOptions, trainer="korch.tasks.nsp_mlm:NspMlmTask", rows="corpus"))
+    register_task(TaskInfo(
+        "span_mlm", "SpanBERT: whole-word spans of Geometric(0.2) length (max 10) up to 15% of tokens, optional "
+        "span-boundary objective.", train_runner, options=SpanMlmOptions, trainer="korch.tasks.span_mlm:SpanMlmTask",
+        rows="corpus"))
+    register_task(TaskInfo(
+        "coref_mlm", "Entity-coreference MLM: later mentions of repeated proper nouns masked whole (data from `korch "
+        "data coref` or raw text); evaluates real1/real5.", train_runner, options=CorefMlmOptions,
+        trainer="korch.tasks.coref_mlm:CorefMlmTask", rows="corpus"))
     register_task(TaskInfo(
         "classify", "Sequence classification on labelled records: cls/mean/max pooling, cross-entropy or focal "
         "loss, per-class F1, best-epoch selection; exports an AutoModelForSequenceClassification folder.",

@@ -9,7 +9,7 @@ positions.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from pydantic import Field
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 class MlmOptions(Section):
     mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
     """Share of (non-special, non-padding) tokens chosen for prediction."""
+    whole_word: Literal["morpheme", "eojeol"] | None = None
+    """Mask whole words instead of WordPiece pieces: `morpheme` (Kiwi morphemes; prepare the data with `data.morphemes: true`) or `eojeol` (whitespace words, punctuation split off; `data.morphemes: false`). Unset: pieces, each drawn on its own."""
 
 
 def pad_blocks(blocks: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -55,10 +57,24 @@ def mask_tokens(input_ids: "torch.Tensor", attention_mask: "torch.Tensor", speci
     return masked, labels
 
 
+def check_word_boundaries(manifest, whole_word: str | None, task: str) -> None:
+    """Whole words are what the prepared data's `word_starts` hold: morphemes only if it was prepared so."""
+    from korch.errors import UserError
+
+    if whole_word is None:
+        return
+    morphemes = bool(manifest.get("config", {}).get("morphemes", False))
+    if morphemes != (whole_word == "morpheme"):
+        have = "Kiwi morpheme" if morphemes else "eojeol (whitespace word)"
+        raise UserError(f"{task}.whole_word is {whole_word}, but the prepared data records {have} boundaries; set "
+                        f"data.morphemes: {str(whole_word == 'morpheme').lower()} (and prepare again) or "
+                        f"{task}.whole_word: {'morpheme' if morphemes else 'eojeol'}")
+
+
 class MlmTask(TrainTask):
     name = "mlm"
     Options = MlmOptions
-    columns = ("input_ids",)
+    columns = ("input_ids", "word_starts")
 
     @classmethod
     def prepare_data(cls, stage, ctx, tokenizer_dir: str) -> str:
@@ -73,6 +89,11 @@ class MlmTask(TrainTask):
         prepare_corpus(stage.data, tokenizer_dir, str(output), seed=stage.train.seed, progress=True)
         return str(output)
 
+    @classmethod
+    def data_info(cls, manifest, options):
+        check_word_boundaries(manifest, options.whole_word, cls.name)
+        return {}
+
     def __init__(self, options, model, tokenizer, seq_len, info):
         super().__init__(options, model, tokenizer, seq_len, info)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
@@ -85,6 +106,13 @@ class MlmTask(TrainTask):
 
     def collate(self, rows, generator):
         input_ids, attention_mask = pad_blocks(rows["input_ids"], self.seq_len, self.tokenizer.pad_token_id)
+        if self.options.whole_word is not None:
+            from korch.tasks.masking import mask_whole_words
+
+            lengths = [min(len(ids), self.seq_len) for ids in rows["input_ids"]]
+            inputs, labels = mask_whole_words(input_ids, lengths, rows["word_starts"], self.tokenizer.mask_token_id,
+                                              len(self.tokenizer), self.options.mlm_probability, generator)
+            return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}
         inputs, labels = mask_tokens(input_ids, attention_mask, self.special_ids, self.tokenizer.mask_token_id,
                                      len(self.tokenizer), self.options.mlm_probability, generator)
         return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}

@@ -216,11 +216,12 @@ def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: boo
                     ctx.tokenizer_dir = str(needed / "tokenizer")
                 elif prepare.tokenizer.path:
                     ctx.tokenizer_dir = prepare.tokenizer.path
-        elif (needed / "final" / "config.json").exists():
-            ctx.start_from = str(needed / "final")
-        else:
-            raise UserError(f"stage {stage.name} needs '{stage.needed[0]}', but {needed / 'final'} holds no model; "
-                            f"run stage {stage.needed[0]} first")
+        elif (needed / stage.start_from / "config.json").exists():
+            ctx.start_from = str(needed / stage.start_from)
+        elif not from_checkpoint:  # --from-checkpoint names the start itself
+            raise UserError(f"stage {stage.name} needs '{stage.needed[0]}', but {needed / stage.start_from} holds no "
+                            f"model; run stage {stage.needed[0]} first, pick another start_from, or give "
+                            "--from-checkpoint")
     if from_checkpoint:
         apply_from_checkpoint(ctx, from_checkpoint)
     return ctx

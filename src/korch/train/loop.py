@@ -237,6 +237,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
         if not evaluation:  # `end`, or training stopped between epoch ends
             evaluation = evaluate()
         summary["eval"] = dict(evaluation, **({"best": selection.describe()} if selection.enabled else {}))
+        if selection.history:  # each epoch's scores, and which checkpoint-<step>/ holds the best one
+            summary["eval"]["epochs"] = selection.history
+            if selection.enabled:
+                summary["eval"]["best_checkpoint"] = selection.describe()["best_checkpoint"]
     if stopped_early:
         summary["stopped_early"] = True
     _export(engine, task, Path(cfg.stage_dir) / "final", is_rank_zero)
@@ -273,9 +277,13 @@ class _Selection:
         self.best_step = state.get("best_step")
         self.best_epoch = state.get("best_epoch")
         self.misses = int(state.get("evals_without_improvement", 0))
+        self.history: list[dict] = list(state.get("eval_history", []))
+        """Every epoch's scores, in order (eval.json `epochs`)."""
 
     def offer(self, evaluation: dict, step: int, epoch: int) -> bool:
         """True when this evaluation is the new best (so the caller exports `best/`)."""
+        self.history.append({"epoch": epoch, "step": step, "checkpoint": f"checkpoint-{step}",
+                             **{k: v for k, v in evaluation.items() if isinstance(v, (int, float))}})
         if not self.enabled:
             return False
         if self.metric not in evaluation:
@@ -293,10 +301,11 @@ class _Selection:
 
     def state(self) -> dict:
         return {"best_metric": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch,
-                "evals_without_improvement": self.misses}
+                "evals_without_improvement": self.misses, "eval_history": self.history}
 
     def describe(self) -> dict:
-        return {"metric": self.metric, "value": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch}
+        return {"metric": self.metric, "value": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch,
+                "best_checkpoint": f"checkpoint-{self.best_step}" if self.best_step is not None else None}
 
 
 def _evaluate(engine, task, plan, rank: int, world_size: int, device, micro_batch_size: int,
