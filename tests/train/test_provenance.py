@@ -151,3 +151,17 @@ def test_an_unfinished_stage_whose_lr_changed_starts_over_and_says_so(stand_in, 
     job_module.run_job(_job(second_lr=5e-4), str(tmp_path))
     assert "second: unfinished, and train.lr changed 0.001 → 0.0005; starting it over" in capsys.readouterr().out
     assert stand_in == ["first", "second", "second"]
+
+
+def test_a_field_at_its_default_is_no_change(stand_in, tmp_path):
+    """What a korch upgrade looks like: the recorded spec lacks a field the new korch has, at its default."""
+    job_module.run_job(_job(), str(tmp_path))
+    record_path = tmp_path / "two" / "first" / "korch.json"
+    record = json.loads(record_path.read_text())
+    assert "train.seed" not in record["explicit"] and "train.lr" in record["explicit"]
+    record["spec"].pop("train.seed")  # as if train.seed were new in this korch: absent from the record, default now
+    record_path.write_text(json.dumps(record))
+    job_module.run_job(_job(), str(tmp_path))
+    assert stand_in == ["first", "second"]  # skipped: a new field at its default is no change
+    assert changed_fields({"a": 1}, {"a": 1, "b": 2}, old_explicit=["a"], new_explicit=["a"]) == []
+    assert changed_fields({"a": 1}, {"a": 1, "b": 2}, old_explicit=["a"], new_explicit=["a", "b"]) == ["b unset → 2"]

@@ -40,7 +40,9 @@ def current_provenance(job: JobConfig, name: str, job_dir: Path) -> Provenance:
     its parents' outputs, which are recorded beside it)."""
     stage = job.stage(name)
     files = [*stage.data.inputs, *stage.data.validation_inputs, stage.model.pretrained or "", stage.tokenizer.path or ""]
+    # `explicit`: a field a korch upgrade adds at its default must not re-run every finished stage.
     return Provenance(spec=flatten(stage.model_dump(mode="json")),
+                      explicit=sorted(flatten(stage.model_dump(mode="json", exclude_defaults=True))),
                       parents={parent: parent_output(job_dir / parent) for parent in upstream(stage)},
                       inputs=inputs_fingerprint(file_stats(files)))
 

@@ -55,17 +55,28 @@ def _drop(flat: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in fields)}
 
 
-def spec_hash(flat_spec: Mapping[str, Any]) -> str:
-    kept = _drop(flat_spec, RESULT_NEUTRAL)
+def spec_hash(flat_spec: Mapping[str, Any], explicit: Iterable[str] | None = None) -> str:
+    """Over the fields set away from their defaults (all when `explicit` is None), so a field a korch upgrade adds at
+    its default keeps the hash."""
+    kept = _drop(flat_spec if explicit is None else {k: flat_spec[k] for k in explicit if k in flat_spec}, RESULT_NEUTRAL)
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = RESULT_NEUTRAL) -> list[str]:
-    """`train.lr 0.002 → 0.001` for each field (outside `ignore`) that differs; a field new on one side shows unset."""
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = RESULT_NEUTRAL,
+                   old_explicit: Iterable[str] | None = None, new_explicit: Iterable[str] | None = None) -> list[str]:
+    """`train.lr 0.002 → 0.001` for each field (outside `ignore`) that differs. A field on one side only (a korch
+    upgrade added or removed it) counts only where that side set it away from its default (`*_explicit`)."""
     old, new = _drop(old, ignore), _drop(new, ignore)
+    explicit = {"old": None if old_explicit is None else set(old_explicit),
+                "new": None if new_explicit is None else set(new_explicit)}
     lines = []
     for key in sorted(set(old) | set(new)):
-        if old.get(key, "unset") != new.get(key, "unset"):
+        if key in old and key in new:
+            if old[key] != new[key]:
+                lines.append(f"{key} {_short(old[key])} → {_short(new[key])}")
+            continue
+        side = "old" if key in old else "new"
+        if explicit[side] is None or key in explicit[side]:
             lines.append(f"{key} {_short(old.get(key, 'unset'))} → {_short(new.get(key, 'unset'))}")
     return lines
 
@@ -152,6 +163,8 @@ class Provenance:
     """Each needed stage's output hash."""
     inputs: str
     """Fingerprint of the stage's input files (data, validation data, pretrained model, tokenizer)."""
+    explicit: list[str] | None = None
+    """The spec's fields that differ from their defaults (None: treat all as set)."""
     finished: bool = False
     output: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -159,9 +172,9 @@ class Provenance:
     def to_json(self) -> dict[str, Any]:
         from korch import __version__
 
-        return {"spec_hash": spec_hash(self.spec), "parents": self.parents, "inputs": self.inputs,
+        return {"spec_hash": spec_hash(self.spec, self.explicit), "parents": self.parents, "inputs": self.inputs,
                 "finished": self.finished, "output": self.output, "korch_version": __version__,
-                "git_commit": korch_commit(), "spec": self.spec, **self.extra}
+                "git_commit": korch_commit(), "spec": self.spec, "explicit": self.explicit, **self.extra}
 
 
 def read_provenance(stage_dir: Path) -> dict[str, Any] | None:
@@ -199,7 +212,8 @@ def decide(recorded: Mapping[str, Any] | None, current: Provenance, finished: bo
         return Decision("run")
     if recorded is None:
         return Decision("skip" if finished else "resume")
-    reasons = changed_fields(recorded.get("spec", {}), current.spec)
+    explicit = dict(old_explicit=recorded.get("explicit"), new_explicit=current.explicit)
+    reasons = changed_fields(recorded.get("spec", {}), current.spec, **explicit)
     for name, digest in current.parents.items():
         if recorded.get("parents", {}).get(name, digest) != digest:
             reasons.append(f"{name}'s output changed")
@@ -207,7 +221,7 @@ def decide(recorded: Mapping[str, Any] | None, current: Provenance, finished: bo
         reasons.append("input files changed")
     if finished:
         return Decision("rerun", tuple(reasons)) if reasons else Decision("skip")
-    unsafe = changed_fields(recorded.get("spec", {}), current.spec, ignore=RESUME_SAFE)
-    if unsafe or len(reasons) > len(changed_fields(recorded.get("spec", {}), current.spec)):
+    unsafe = changed_fields(recorded.get("spec", {}), current.spec, ignore=RESUME_SAFE, **explicit)
+    if unsafe or len(reasons) > len(changed_fields(recorded.get("spec", {}), current.spec, **explicit)):
         return Decision("restart", tuple(reasons))
     return Decision("resume", tuple(reasons))
