@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_commands.register(sub)
     bench = sub.add_parser("bench", help="benchmarks that print one JSON line").add_subparsers(dest="bench", required=True, metavar="BENCH")
     train_commands.register_bench(bench)
-    for module in ("korch.data.commands", "korch.cluster.commands", "korch.predict"):
+    for module in ("korch.data.commands", "korch.cluster.commands", "korch.predict", "korch.eval.embed"):
         _register_optional(module, sub, bench)
     return parser
 

@@ -136,7 +136,17 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
             import ray
 
             ray.shutdown()
+        _print_embedding_table(job_dir, [s.name for s in job.stages if not only or s.name in only])
     return summaries
+
+
+def _print_embedding_table(job_dir: Path, names: list[str]) -> None:
+    """Embedding stages compared side by side at the end (a regressed one too), as the seed pipeline did."""
+    from korch.eval.guard import stage_table
+
+    table = stage_table(job_dir, names)
+    if table:
+        print("[korch] embedding stages:\n" + table, flush=True)
 
 
 def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: bool, from_checkpoint: str | None):
@@ -157,7 +167,9 @@ def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: boo
                 elif prepare.tokenizer.path:
                     ctx.tokenizer_dir = prepare.tokenizer.path
         elif (needed / "final" / "config.json").exists():
-            ctx.start_from = str(needed / "final")
+            from korch.eval.guard import promoted_final
+
+            ctx.start_from = promoted_final(needed)  # a regressed parent hands on what it promoted instead
         else:
             raise UserError(f"stage {stage.name} needs '{stage.needed[0]}', but {needed / 'final'} holds no model; "
                             f"run stage {stage.needed[0]} first")
