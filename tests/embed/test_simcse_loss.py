@@ -81,8 +81,8 @@ def test_gathered_positives_carry_gradients_across_two_gloo_ranks(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fork: the children inherit the imported torch instead of importing it again (seconds on a busy 2-core box)
-    torch.multiprocessing.start_processes(_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a fork after torch has started its thread pools can deadlock in the child.
+    torch.multiprocessing.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     net = torch.nn.Linear(D, D)
     anchors_in, positives_in, _ = _batch()
