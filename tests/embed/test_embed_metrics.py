@@ -65,3 +65,11 @@ def test_stage_table_lists_every_scored_stage_with_its_verdict():
     lines = table.splitlines()
     assert len(lines) == 4 and lines[2].split()[3] == "0.4323" and lines[3].endswith("regressed")
     assert format_stage_table({"mlm": {"loss": 1.0}}) is None
+
+
+def test_eval_embed_bad_paths_are_one_line_and_exit_2(tmp_path, capsys):
+    from korch.cli import main
+
+    assert main(["eval", "embed", "--model", str(tmp_path), "--pairs", str(tmp_path / "x.tsv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no config.json there" in err[0]

@@ -92,3 +92,14 @@ def test_gathered_positives_carry_gradients_across_two_gloo_ranks(tmp_path):
     assert (ranks[0]["loss"] + ranks[1]["loss"]) / 2 == pytest.approx(float(whole), rel=1e-5)
     # Without gradients through the gather, rank r's loss would not reach the other rank's positives.
     torch.testing.assert_close(ranks[0]["grad"], net.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_cosent_rewards_cosines_ordered_like_the_gold_scores():
+    from korch.tasks.simcse import cosent_loss
+
+    scores = torch.tensor([5.0, 3.0, 0.0])
+    ordered = cosent_loss(torch.tensor([0.9, 0.5, 0.1]), scores, 20.0)
+    reversed_ = cosent_loss(torch.tensor([0.1, 0.5, 0.9]), scores, 20.0)
+    assert float(ordered) < 0.01 < 10 < float(reversed_)
+    # log(1 + 3 * exp(20 * 0.8))-ish for fully reversed; exactly log(1) when nothing is ordered (all ties)
+    assert float(cosent_loss(torch.tensor([0.3, 0.2]), torch.tensor([1.0, 1.0]), 20.0)) == 0.0

@@ -23,7 +23,7 @@ import random
 import re
 from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from korch.spec import Section
 from korch.tasks.base import TrainTask
@@ -43,6 +43,16 @@ class SimcseOptions(Section):
     """Supervised mode: KorSTS-format training pairs with a score at or above this are positive pairs."""
     max_rows: int | None = Field(default=None, ge=1)
     """Train on at most this many rows (after a seeded shuffle)."""
+    loss: Literal["infonce", "cosent"] = "infonce"
+    """`infonce`: SimCSE's contrastive loss. `cosent`: CoSENT, a ranking loss that orders every pair's cosine by its gold score (all KorSTS pairs with their 0-5 scores; KorNLI entailment/neutral/contradiction as 5/2.5/0), one of the seed README's "other losses". Needs `mode: supervised`."""
+    cosent_scale: float = Field(default=20.0, gt=0.0)
+    """CoSENT's scale on cosine differences (its paper's 20)."""
+
+    @model_validator(mode="after")
+    def _cosent_is_supervised(self) -> "SimcseOptions":
+        if self.loss == "cosent" and self.mode != "supervised":
+            raise ValueError("loss cosent learns from scored pairs: set mode: supervised")
+        return self
 
 
 # --- rows ----------------------------------------------------------------------------------------------------
@@ -69,8 +79,11 @@ def split_sentences(text: str) -> Iterator[str]:
                 yield piece
 
 
-def training_rows(inputs: Sequence[str], options: SimcseOptions, data, seed: int) -> list[tuple[str, str, str]]:
-    """(anchor, positive, hard negative) text rows; unsupervised rows are (sentence, sentence, "")."""
+NLI_SCORES = {"entailment": 5.0, "neutral": 2.5, "contradiction": 0.0}
+
+
+def training_rows(inputs: Sequence[str], options: SimcseOptions, data, seed: int) -> list[tuple]:
+    """(anchor, positive, hard negative, score) rows; unsupervised rows are (sentence, sentence, "", 0)."""
     from korch.data.readers import expand_inputs, iter_documents
     from korch.eval.embed import read_pairs
 
@@ -80,12 +93,15 @@ def training_rows(inputs: Sequence[str], options: SimcseOptions, data, seed: int
         path = str(source.path)
         if path.endswith(".tsv") and _pair_header(path):
             pairs = read_pairs(path)
+            scores = pairs.scores or [NLI_SCORES.get(label, -1.0) for label in pairs.labels or []]
             if options.mode == "unsupervised":
                 corpus.extend(pairs.first + pairs.second)
+            elif options.loss == "cosent":
+                rows.extend((a, b, "", s) for a, b, s in zip(pairs.first, pairs.second, scores) if s >= 0)
             elif pairs.labels is not None:
-                rows.extend(nli_triples(pairs.first, pairs.second, pairs.labels))
+                rows.extend((*triple, 5.0) for triple in nli_triples(pairs.first, pairs.second, pairs.labels))
             else:
-                rows.extend((a, b, "") for a, b, s in zip(pairs.first, pairs.second, pairs.scores or [])
+                rows.extend((a, b, "", s) for a, b, s in zip(pairs.first, pairs.second, scores)
                             if s >= options.sts_positive_min)
         elif options.mode == "unsupervised":
             corpus.extend(sentence for doc in iter_documents([path], data) for sentence in split_sentences(doc))
@@ -94,7 +110,7 @@ def training_rows(inputs: Sequence[str], options: SimcseOptions, data, seed: int
 
             raise UserError(f"simcse.mode supervised reads sentence-pair TSVs (KorNLI gold_label or KorSTS score), "
                             f"but {path} is not one; give e.g. ../shared/data/kornli")
-    rows.extend((text, text, "") for text in dict.fromkeys(corpus))
+    rows.extend((text, text, "", 0.0) for text in dict.fromkeys(corpus))
     random.Random(seed).shuffle(rows)
     return rows[: options.max_rows] if options.max_rows else rows
 
@@ -127,12 +143,13 @@ def prepare_pairs(stage, tokenizer_dir: str, output_dir: str, options: SimcseOpt
     def ids(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=stage.data.seq_len)["input_ids"] if texts else []
 
-    schema = pa.schema([(c, pa.list_(pa.int32())) for c in ("input_ids", "positive_ids", "negative_ids")])
+    schema = pa.schema([*((c, pa.list_(pa.int32())) for c in ("input_ids", "positive_ids", "negative_ids")),
+                        ("score", pa.float32())])
     writer = ShardWriter(os.path.join(output_dir, "train"), "train", schema=schema)
     anchors, positives = ids([r[0] for r in rows]), ids([r[1] for r in rows])
     negatives = [[] if not r[2] else x for r, x in zip(rows, ids([r[2] or "." for r in rows]))]
-    for a, p, n in zip(anchors, positives, negatives):
-        writer.write({"input_ids": a, "positive_ids": p, "negative_ids": n})
+    for a, p, n, row in zip(anchors, positives, negatives, rows):
+        writer.write({"input_ids": a, "positive_ids": p, "negative_ids": n, "score": float(row[3])})
     shards = writer.close()
     manifest = {"kind": "pairs", "fingerprint": fingerprint, "seq_len": stage.data.seq_len, "mode": options.mode,
                 "rows": writer.rows, "hard_negatives": sum(1 for n in negatives if n), "tokens": writer.tokens,
@@ -167,6 +184,15 @@ def contrastive_loss(anchors: "torch.Tensor", positives: "torch.Tensor", negativ
                           negative_valid.bool().to(logits.device)])
         logits = logits.masked_fill(~keep, float("-inf"))
     return F.cross_entropy(logits, in_batch_labels(len(anchors), rank).to(logits.device))
+
+
+def cosent_loss(cosines: "torch.Tensor", scores: "torch.Tensor", scale: float) -> "torch.Tensor":
+    """log(1 + sum over pairs (i, j) with score_i > score_j of exp(scale * (cos_j - cos_i)))."""
+    import torch
+
+    differences = scale * (cosines[None, :] - cosines[:, None])  # [i, j] = scale * (cos_j - cos_i)
+    ordered = scores[:, None] > scores[None, :]
+    return torch.logsumexp(torch.cat([differences.new_zeros(1), differences[ordered]]), dim=0)
 
 
 def _gather_class():
@@ -226,7 +252,7 @@ def pad_ids(rows: Sequence[Sequence[int]], pad_id: int, fill: Sequence[int]) -> 
 class SimcseTask(TrainTask):
     name = "simcse"
     Options = SimcseOptions
-    columns = ("input_ids", "positive_ids", "negative_ids")
+    columns = ("input_ids", "positive_ids", "negative_ids", "score")
 
     @classmethod
     def training_texts(cls, stage):
@@ -257,6 +283,7 @@ class SimcseTask(TrainTask):
         for column, key in (("input_ids", "anchor"), ("positive_ids", "positive"), ("negative_ids", "negative")):
             batch[f"{key}_ids"], batch[f"{key}_mask"] = pad_ids(rows[column], pad, fill)
         batch["negative_valid"] = torch.as_tensor([len(r) > 0 for r in rows["negative_ids"]], dtype=torch.long)
+        batch["score"] = torch.as_tensor(list(rows["score"]), dtype=torch.float)
         return batch
 
     def embed(self, model, ids, mask):
@@ -267,6 +294,12 @@ class SimcseTask(TrainTask):
     def loss(self, model, batch):
         import torch
 
+        if self.options.loss == "cosent":
+            anchors = self.embed(model, batch["anchor_ids"], batch["anchor_mask"])
+            positives = self.embed(model, batch["positive_ids"], batch["positive_mask"])
+            cosines = torch.nn.functional.cosine_similarity(anchors.float(), positives.float(), dim=-1)
+            # Each rank scores the whole global batch's pairs: every rank's loss is the same number.
+            return cosent_loss(gather_with_grad(cosines), gather_with_grad(batch["score"]), self.options.cosent_scale)
         if self.options.mode == "unsupervised":
             # One forward over [x; x]: each copy draws its own dropout mask, which is the whole augmentation.
             both = self.embed(model, torch.cat([batch["anchor_ids"]] * 2), torch.cat([batch["anchor_mask"]] * 2))
