@@ -256,12 +256,17 @@ class SimcseTask(TrainTask):
 
     @classmethod
     def training_texts(cls, stage):
+        """Both sentences of pair files, the documents of anything else (a stage with no parent trains its own)."""
+        from korch.data.readers import expand_inputs, iter_documents
         from korch.eval.embed import read_pairs
 
-        for path in stage.data.inputs:
+        for source in expand_inputs(stage.data.inputs, "auto"):
+            path = str(source.path)
             if path.endswith(".tsv") and _pair_header(path):
                 pairs = read_pairs(path)
                 yield from pairs.first + pairs.second
+            else:
+                yield from iter_documents([path], stage.data)
 
     @classmethod
     def prepare_data(cls, stage, ctx, tokenizer_dir: str) -> str:

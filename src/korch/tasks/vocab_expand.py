@@ -87,7 +87,10 @@ def expand_tokenizer_json(tokenizer_json: dict, pieces: list[str]) -> dict:
     data = json.loads(json.dumps(tokenizer_json))
     vocab = data["model"]["vocab"]
     if data["model"].get("type") != "WordPiece":
-        raise ValueError(f"vocab_expand extends WordPiece vocabularies; this tokenizer is {data['model'].get('type')}")
+        from korch.errors import UserError
+
+        raise UserError(f"vocab_expand extends WordPiece vocabularies, but the starting tokenizer is "
+                        f"{data['model'].get('type')}; start from a model with a WordPiece (BERT-style) tokenizer")
     next_id = max(vocab.values()) + 1
     for offset, piece in enumerate(pieces):
         vocab[piece] = next_id + offset
