@@ -71,7 +71,7 @@ def test_only_adapter_parameters_reach_the_optimizer(tokenizer):
               [p for p in net.parameters() if p.ndim <= 1 and p.requires_grad]]
     optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=1e-3)
     batch = task.collate({"input_ids": [[2, 5, 6, 3], [2, 7, 8, 3]], "positive_ids": [[2, 5, 8, 3], [2, 7, 3]],
-                          "negative_ids": [[], []]}, torch.Generator())
+                          "negative_ids": [[], []], "score": [0.0, 0.0]}, torch.Generator())
     task.loss(net, batch).backward()
     optimizer.step()
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.ndim)

@@ -104,6 +104,8 @@ def stage_table(job_dir: Path, names: list[str]) -> str | None:
     rows = {}
     for name in names:
         path = Path(job_dir) / name / "eval.json"
-        if path.exists():
+        try:
             rows[name] = json.loads(path.read_text())
+        except (OSError, ValueError):  # printed in a `finally`: never let a missing or torn file hide the real error
+            continue
     return format_stage_table(rows)
