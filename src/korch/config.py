@@ -197,7 +197,36 @@ class TrainConfig(_Strict):
     """Write a metrics.jsonl line every N optimizer steps."""
 
 
+class EmbedEvalConfig(_Strict):
+    pairs: str
+    """Sentence pairs to score the stage's `final/` on (`korch eval embed`): a KorSTS TSV (score 0-5) or KorNLI TSV (gold_label)."""
+    sim_min: float = 4.0
+    """KorSTS scores at or above this count as similar pairs."""
+    diff_max: float = 1.0
+    """KorSTS scores at or below this count as different pairs."""
+    limit: int | None = Field(default=None, ge=1)
+    """Score only the first N pairs."""
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs_exist(cls, value: str) -> str:
+        return _resolve_existing(value, "eval.embed.pairs")
+
+
+class GuardConfig(_Strict):
+    metric: str = "gap"
+    """The `eval.embed` metric compared with the parent stage's (`gap`, `spearman`, `sim_mean`; higher is better)."""
+    min_delta: float = 0.0
+    """The stage must score at least parent + min_delta; below that it is `regressed`."""
+    on_regression: Literal["fail", "keep_parent"] = "fail"
+    """`fail`: stop the job with exit 1. `keep_parent`: later stages start from the parent's model instead."""
+
+
 class EvalConfig(_Strict):
+    embed: EmbedEvalConfig | None = None
+    """Embedding stages (vocab_expand, simcse, adapter): score `final/` on sentence pairs after training, as `korch eval embed` does; the result is the stage's `eval.json`."""
+    guard: GuardConfig | None = None
+    """Regression guard for embedding stages: compare `eval.embed`'s `metric` with the `needs` parent's; a stage below it is never silently promoted. Needs `eval.embed`."""
     every: Literal["end", "epoch", "never"] = "end"
     """When to evaluate on the held-out split: at the end, after every epoch (each result also goes to metrics.jsonl), or never. `eval.json` holds the last result."""
     max_batches: int | None = Field(default=None, ge=1)
@@ -215,6 +244,8 @@ class EvalConfig(_Strict):
             raise ValueError("select_best compares epochs: set eval.every: epoch")
         if self.patience is not None and self.select_best is None:
             raise ValueError("patience counts evaluations without a better select_best metric: set eval.select_best")
+        if self.guard is not None and self.embed is None:
+            raise ValueError("eval.guard compares eval.embed scores: set eval.embed.pairs")
         return self
 
 

@@ -15,7 +15,7 @@ BEGIN, END = "<!-- spec-reference:begin -->", "<!-- spec-reference:end -->"
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("job", config.JobConfig), ("stages[]", config.StageConfig), ("model", config.ModelConfig),
     ("tokenizer", config.TokenizerConfig), ("data", config.DataConfig), ("train", config.TrainConfig),
-    ("eval", config.EvalConfig), ("distributed", config.DistributedConfig), ("distributed.deepspeed", config.DeepSpeedConfig),
+    ("eval", config.EvalConfig), ("eval.embed", config.EmbedEvalConfig), ("eval.guard", config.GuardConfig), ("distributed", config.DistributedConfig), ("distributed.deepspeed", config.DeepSpeedConfig),
 ]
 
 

@@ -51,12 +51,15 @@ def register_task(info: TaskInfo) -> None:
 
 
 def _register_builtin() -> None:
+    from korch.tasks.adapter import AdapterOptions
     from korch.tasks.classify import ClassifyOptions
     from korch.tasks.ensemble import EnsembleOptions
     from korch.tasks.coref_mlm import CorefMlmOptions
     from korch.tasks.mlm import MlmOptions
     from korch.tasks.nsp_mlm import NspMlmOptions
     from korch.tasks.span_mlm import SpanMlmOptions
+    from korch.tasks.simcse import SimcseOptions
+    from korch.tasks.vocab_expand import VocabExpandOptions
 
     train_runner = "korch.train.runner:run_training_stage"
     register_task(TaskInfo(
@@ -85,6 +88,21 @@ def _register_builtin() -> None:
         "final on the validation split, weights by score, uniform or fitted log-loss; writes an `ensemble/` folder "
         "that `korch predict` runs.",
         "korch.tasks.ensemble:run_ensemble_stage", options=EnsembleOptions, rows="labelled"))
+
+    embed_runner = "korch.eval.guard:run_embedding_training_stage"
+    register_task(TaskInfo(
+        "vocab_expand", "Add frequent Korean morphemes (kiwipiepy counts over data.inputs) to the parent's WordPiece "
+        "vocabulary; new embedding rows start as the mean of the old pieces they replace. No training.",
+        "korch.tasks.vocab_expand:run_vocab_expand_stage", options=VocabExpandOptions, rows="none"))
+    register_task(TaskInfo(
+        "simcse", "Contrastive sentence embeddings: unsupervised (dropout positives) or supervised (KorNLI "
+        "entailment positives, contradiction hard negatives), negatives gathered across workers; cls/mean pooling; "
+        "exports an HF encoder that loads in sentence-transformers.",
+        embed_runner, options=SimcseOptions, trainer="korch.tasks.simcse:SimcseTask", rows="pairs"))
+    register_task(TaskInfo(
+        "adapter", "Bottleneck (hidden -> r -> hidden) or hierarchical (language under task) adapters on a frozen "
+        "encoder, trained with the simcse objective; final/ holds adapter.safetensors and the merged HF encoder.",
+        embed_runner, options=AdapterOptions, trainer="korch.tasks.adapter:AdapterTask", rows="pairs"))
 
 
 _register_builtin()

@@ -168,6 +168,7 @@ def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bo
                 if logs:
                     print(f"[korch] Ray and worker logs: {logs}", flush=True)
             ray.shutdown()
+        _print_embedding_table(job_dir, [s.name for s in job.stages if not only or s.name in only])
     return summaries
 
 
@@ -199,6 +200,15 @@ def _keep_previous(job_dir: Path, stage_dir: Path) -> None:
     shutil.move(str(stage_dir), str(keep))
 
 
+def _print_embedding_table(job_dir: Path, names: list[str]) -> None:
+    """Embedding stages compared side by side at the end (a regressed one too), as the seed pipeline did."""
+    from korch.eval.guard import stage_table
+
+    table = stage_table(job_dir, names)
+    if table:
+        print("[korch] embedding stages:\n" + table, flush=True)
+
+
 def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: bool, from_checkpoint: str | None):
     """What the stage starts from: the `needs` stage's model, or its packed data and tokenizer if it prepared data."""
     from korch.train.runner import StageContext, apply_from_checkpoint
@@ -217,7 +227,10 @@ def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: boo
                 elif prepare.tokenizer.path:
                     ctx.tokenizer_dir = prepare.tokenizer.path
         elif (needed / stage.start_from / "config.json").exists():
-            ctx.start_from = str(needed / stage.start_from)
+            from korch.eval.guard import promoted_final
+
+            # `final` of a regressed parent is what its guard promoted instead (the parent's parent's model).
+            ctx.start_from = promoted_final(needed) if stage.start_from == "final" else str(needed / stage.start_from)
         elif not from_checkpoint:  # --from-checkpoint names the start itself
             raise UserError(f"stage {stage.name} needs '{stage.needed[0]}', but {needed / stage.start_from} holds no "
                             f"model; run stage {stage.needed[0]} first, pick another start_from, or give "

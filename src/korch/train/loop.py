@@ -135,8 +135,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     model = task.build_model(cfg.start_from)
     if weights is not None:
         ckpt.load_weights_into(model, weights)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    # Frozen weights (an adapter task's base) never reach the optimizer, so it holds no state for them.
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=train.lr)
     scheduler_factory = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
