@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print one JSON line").add_subparsers(dest="bench", required=True, metavar="BENCH")
     train_commands.register_bench(bench)
     for module in ("korch.data.commands", "korch.cluster.commands", "korch.predict", "korch.report",
-                   "korch.tune.commands", "korch.eval.coref", "korch.eval.embed"):
+                   "korch.tune.commands", "korch.eval.commands"):
         _register_optional(module, sub, bench)
     return parser
 

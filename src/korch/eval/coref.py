@@ -142,9 +142,8 @@ def _cmd_eval_coref(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    evals = sub.add_parser("eval", help="evaluate trained models").add_subparsers(dest="eval_cmd", required=True,
-                                                                                  metavar="CMD")
+def register_eval(evals) -> None:
+    """`korch eval coref`, under the `eval` group that `korch.eval.commands` makes."""
     p = evals.add_parser("coref", help="Real@1/Real@5 on masked repeated mentions and LAMBADA@1 last-word prediction")
     p.add_argument("--model", required=True, metavar="DIR", help="masked-LM folder (final/, best/, checkpoint-<step>/)")
     p.add_argument("--data", required=True, metavar="PATH", help="a folder written by `korch data coref`")

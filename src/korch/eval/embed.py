@@ -234,9 +234,8 @@ def _cmd_eval_embed(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    group = sub.add_parser("eval", help="evaluate an exported model").add_subparsers(dest="eval_cmd", required=True,
-                                                                                      metavar="WHAT")
+def register_eval(group) -> None:
+    """`korch eval embed`, under the `eval` group that `korch.eval.commands` makes."""
     p = group.add_parser("embed", help="cosine sim/diff means, their gap and Spearman on sentence pairs; writes eval.json")
     p.add_argument("--model", required=True, help="a stage's final/ folder (HF encoder + sentence-transformers pooling)")
     p.add_argument("--pairs", required=True, help="KorSTS TSV (score 0-5) or KorNLI TSV (gold_label)")
