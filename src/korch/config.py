@@ -515,17 +515,23 @@ def _unshare(node: Any) -> Any:
     return node
 
 
-def load_raw(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    path = str(path)
+def read_yaml_mapping(path: str, missing_hint: str, top_level: str) -> dict:
+    """A YAML file's top-level mapping; a missing, unreadable or non-mapping file is a one-line `SpecError`."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(path, ["file does not exist; give the path of a job YAML, e.g. jobs/quickstart.yaml"]) from None
+        raise SpecError(path, [f"file does not exist; {missing_hint}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(path, [f"cannot read the file: {exc}"]) from None
     raw = _unshare(parse_yaml(text, path))
     if not isinstance(raw, dict):
-        raise SpecError(path, ["the top level must be a mapping with `name` and `stages`"])
+        raise SpecError(path, [f"the top level must be a mapping with {top_level}"])
+    return raw
+
+
+def load_raw(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    path = str(path)
+    raw = read_yaml_mapping(path, "give the path of a job YAML, e.g. jobs/quickstart.yaml", "`name` and `stages`")
     return apply_overrides(raw, list(overrides or []), path)
 
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 import copy
 import math
 import os
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationError, model_validator
 
-from korch.config import SpecError, apply_overrides, format_validation_error, load_raw, parse_yaml
+from korch.config import SpecError, apply_overrides, format_validation_error, load_raw, read_yaml_mapping
 from korch.spec import Section
 
 
@@ -121,15 +120,8 @@ class SpaceConfig(Section):
 def load_space(path: str | os.PathLike) -> SpaceConfig:
     """Read and validate a space YAML; problems raise `SpecError`, one line each naming the field."""
     path = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(path, ["file does not exist; give a search space, e.g. tune_spaces/focal_smoothing_lr.yaml"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(path, [f"cannot read the file: {exc}"]) from None
-    raw = parse_yaml(text, path)
-    if not isinstance(raw, dict):
-        raise SpecError(path, ["the top level must be a mapping with `metric`, `mode` and `params`"])
+    raw = read_yaml_mapping(path, "give a search space, e.g. tune_spaces/focal_smoothing_lr.yaml",
+                            "`metric`, `mode` and `params`")
     try:
         return SpaceConfig.model_validate(raw)
     except ValidationError as exc:
