@@ -266,7 +266,10 @@ def test_six_worker_gpu_stage_lands_on_the_6_gpu_node(tmp_path):
     result = subprocess.run([sys.executable, str(script), str(corpus), str(tmp_path / "runs")], env=env,
                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
+    # The script's report is its last JSON line (korch's own progress lines come before it).
+    reports = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert reports, result.stdout[-2000:]
+    got = json.loads(reports[-1])
     assert got["live_check"] is None and got["live_check_7"] is not None
     stage = tmp_path / "runs" / "fake6" / "mlm"
     summary = json.loads((stage / "summary.json").read_text())
