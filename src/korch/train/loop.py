@@ -8,6 +8,7 @@ and the metrics are and how the model is exported come from the stage's `TrainTa
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -46,6 +47,8 @@ class TrainLoopConfig(BaseModel):
     manifest: dict[str, Any]
     start_from: str | None = None
     resume_from: str | None = None
+    latest_saved: str | None = None
+    """The newest checkpoint this stage's Ray run wrote and logged, which Ray's own record may not hold yet."""
     model: ModelConfig
     train: TrainConfig
     eval: EvalConfig
@@ -57,6 +60,19 @@ class TrainLoopConfig(BaseModel):
     cpus_per_worker: float
     log_actor: str
     fail_at_step: int | None = None
+
+
+def newest_checkpoint(candidates: list[str | None]) -> str | None:
+    """The candidate checkpoint folder with the highest step (the first of equals); None when there is none."""
+    from korch.train.checkpoint import STATE_FILE
+
+    best, best_step = None, -1
+    for folder in candidates:
+        if folder:
+            step = int(json.loads((Path(folder) / STATE_FILE).read_text()).get("step", 0))
+            if step > best_step:
+                best, best_step = folder, step
+    return best
 
 
 def plan_steps(train: TrainConfig, rows_per_worker: int) -> tuple[int, int]:
@@ -119,12 +135,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
     steps_per_epoch, total_steps = plan_steps(train, cfg.rows_per_worker)
     micro_per_epoch = steps_per_epoch * train.grad_accum
 
-    # Resume source: Ray's latest checkpoint after a worker-group restart, else an explicit one.
-    resume_dir, ray_checkpoint = None, _train_api().get_checkpoint()
-    if ray_checkpoint is not None:
-        resume_dir = ray_checkpoint.to_directory()
-    elif cfg.resume_from:
-        resume_dir = cfg.resume_from
+    # Resume source: the newest of Ray's latest checkpoint (after a worker-group restart or a re-run), an explicit
+    # one, and the newest one this run wrote (Ray registers a reported checkpoint only on its controller's next
+    # poll, so a run stopped in between would otherwise resume one checkpoint back).
+    ray_checkpoint = _train_api().get_checkpoint()
+    ray_dir = ray_checkpoint.to_directory() if ray_checkpoint is not None else None
+    resume_dir = newest_checkpoint([ray_dir, cfg.resume_from, cfg.latest_saved])
     weights = moments = None
     state: dict[str, Any] = {"step": 0}
     if resume_dir:
@@ -152,7 +168,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         _restore_schedule(scheduler, global_step)
         if is_rank_zero:
             log.event.remote("resume", step=global_step, attempt=attempt, from_step=global_step,
-                             source=str(cfg.resume_from if ray_checkpoint is None else "ray"))
+                             source="ray" if resume_dir == ray_dir else str(resume_dir))
 
     def evaluate() -> dict[str, Any]:
         plan = epoch_units(cfg.manifest, cfg.prepared_dir, "validation", train.seed, 0, world_size)

@@ -83,6 +83,8 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
     print(f"[korch] {stage.name}: {stage.task}, {rows} rows per worker x {dist.num_workers} workers, "
           f"{steps_per_epoch} steps/epoch, {total_steps} steps planned, ZeRO-{dist.deepspeed.zero_stage}", flush=True)
 
+    run_name = _ray_run_name(ctx.stage_dir, ctx.fresh_run or bool(ctx.resume_from))
+    latest_saved = newest_logged_checkpoint(ctx.stage_dir, run_name)
     log_name = f"korch-log-{os.getpid()}-{time.time_ns()}"
     log = start_run_log(str(ctx.stage_dir), log_name)
     fail_at = os.environ.get(FAIL_ENV)
@@ -90,7 +92,8 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
         task=stage.task, options=options.model_dump(mode="json") if options else {},
         task_info=task_cls.data_info(manifest, options), stage_dir=str(ctx.stage_dir), tokenizer_dir=tokenizer_dir,
         prepared_dir=str(Path(prepared).resolve()) if "://" not in str(prepared) else str(prepared),
-        manifest=manifest, start_from=ctx.start_from, resume_from=ctx.resume_from, model=stage.model,
+        manifest=manifest, start_from=ctx.start_from, resume_from=ctx.resume_from,
+        latest_saved=str(latest_saved) if latest_saved else None, model=stage.model,
         train=stage.train, eval=stage.eval,
         deepspeed_config=build_deepspeed_config(dist.deepspeed, stage.train, dist.num_workers, dist.use_gpu),
         seq_len=seq_len, rows_per_worker=rows, has_validation=has_validation, use_gpu=dist.use_gpu,
@@ -102,7 +105,7 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
         torch_config=build_torch_config(dist),
         scaling_config=build_scaling_config(dist),
         run_config=RunConfig(
-            name=_ray_run_name(ctx.stage_dir, ctx.fresh_run or bool(ctx.resume_from)),
+            name=run_name,
             storage_path=str((ctx.stage_dir / "ray").resolve()),
             failure_config=build_failure_config(dist),
             checkpoint_config=CheckpointConfig(num_to_keep=stage.train.keep_checkpoints),
@@ -163,6 +166,31 @@ def apply_from_checkpoint(ctx: StageContext, path: str) -> None:
     else:
         raise UserError(f"--from-checkpoint {path}: neither a korch checkpoint (state.json + safetensors) "
                         "nor a Hugging Face model folder (config.json)")
+
+
+def newest_logged_checkpoint(stage_dir: Path, run_name: str) -> Path | None:
+    """The highest-step checkpoint of Ray run `run_name` that events.jsonl says was written. The loop logs a
+    checkpoint only after Ray has stored it, so a folder an interrupted copy left half-written never counts."""
+    from korch.train.checkpoint import is_checkpoint
+
+    events = stage_dir / "events.jsonl"
+    if not events.is_file():
+        return None
+    logged = set()
+    for line in events.read_text(encoding="utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if event.get("event") == "checkpoint":
+            logged.add(event.get("step"))
+    found = []
+    for folder in (stage_dir / "ray" / run_name).glob("checkpoint_*"):
+        if is_checkpoint(folder):
+            step = json.loads((folder / "state.json").read_text()).get("step")
+            if step in logged:
+                found.append((step, folder.stat().st_mtime, folder))
+    return max(found)[2] if found else None
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
