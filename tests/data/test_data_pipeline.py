@@ -90,17 +90,29 @@ def test_bad_tokenizer_is_a_user_error(corpus_dir, make_cfg, tmp_path):
         prepare_corpus(make_cfg(inputs=[str(corpus_dir)]), str(tmp_path), str(tmp_path / "o"), engine="local")
 
 
-def test_a_document_kiwi_fails_on_and_a_vanished_file_are_counted(corpus_copy, tokenizer_dir, make_cfg, tmp_path,
-                                                                  monkeypatch):
+class _ChokingKiwi:
+    """A Kiwi that raises on any call whose paragraphs mention 김치 (a batch holding that document fails whole)."""
+
+    def __init__(self, kiwi):
+        self.kiwi = kiwi
+
+    def split_into_sents(self, paragraphs, **kwargs):
+        paragraphs = list(paragraphs)
+        if any("김치" in p for p in paragraphs):
+            raise RuntimeError("kiwi")
+        return self.kiwi.split_into_sents(paragraphs, **kwargs)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "per-document"])
+def test_a_document_kiwi_fails_on_and_a_vanished_file_are_counted(corpus_copy, tokenizer_dir, make_cfg, tmp_path, batch):
     import collections
 
     from korch.data.preprocess import DocumentProcessor
     from korch.data.readers import Chunk
 
     cfg = make_cfg(inputs=[str(corpus_copy)], seq_len=32)
-    processor = DocumentProcessor(cfg, tokenizer_dir)
-    real = processor.sentences
-    monkeypatch.setattr(processor, "sentences", lambda text: (_ for _ in ()).throw(RuntimeError("kiwi")) if "김치" in text else real(text))
+    processor = DocumentProcessor(cfg, tokenizer_dir, batch=batch)
+    processor.kiwi = _ChokingKiwi(processor.kiwi)
     chunks = [Chunk(str(corpus_copy / "wiki_00"), "wiki", 0, 607), Chunk(str(tmp_path / "gone.txt"), "txt", 0, 10)]
     table = processor.process_chunks(chunks)
     skips = {r: c for r, c in zip(table.column("skip").to_pylist(), table.column("count").to_pylist()) if r}
@@ -118,3 +130,19 @@ def test_progress_separates_startup_from_steady_rate():
     assert 9.9 < meter.first < 11 and meter.first_docs == 5
     meter.update(5, 5, 1)
     assert meter.steady_rate() is None  # no documents since start-up
+
+
+@pytest.mark.parametrize("morphemes", [False, True], ids=["sentences", "morphemes"])
+def test_batched_kiwi_calls_give_the_per_document_output(corpus_dir, tokenizer_dir, make_cfg, morphemes):
+    """One split_into_sents call per chunk (the actors' path) and one per document (the plain loop) agree row for
+    row: Kiwi analyses every paragraph on its own either way."""
+    from korch.data.preprocess import DocumentProcessor
+    from korch.data.readers import expand_inputs, plan_chunks
+
+    import collections
+
+    cfg = make_cfg(inputs=[str(corpus_dir)], seq_len=24, morphemes=morphemes)
+    chunks = plan_chunks(expand_inputs(cfg.inputs, cfg.format), 4096, collections.Counter())
+    batched = DocumentProcessor(cfg, tokenizer_dir, batch=True).process_chunks(chunks)
+    per_document = DocumentProcessor(cfg, tokenizer_dir, batch=False).process_chunks(chunks)
+    assert batched.num_rows > 5 and batched.equals(per_document)

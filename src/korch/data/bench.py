@@ -5,12 +5,14 @@
 Engines (each in a fresh subprocess, so peak RSS is its own):
 - `single`: korch's steps in one process (`prepare_corpus(engine="local")`): read, clean, Kiwi, WordPiece, pack, write.
 - `linecache`: the old workflow's reader (`linecache.getline(path, i)` for every line) feeding the same steps.
-- `korch`: `prepare_corpus` on Ray Data with a Kiwi actor pool (`actors` actors at 0.5 CPU). Ray is
-  started before the clock starts (in `korch run` it is already up); actor start-up and Kiwi loading are
-  timed. Peak RSS is the largest sum, sampled every 0.2 s, over the driver and the Ray worker processes.
+- `korch`: `prepare_corpus` on Ray Data with a Kiwi actor pool, sized as `korch run` sizes it
+  (`korch.data.pool`; `--actors` sets the count). Ray is started before the clock starts (in `korch run` it
+  is already up); actor start-up and Kiwi loading are timed. Peak RSS is the largest sum, sampled every
+  0.2 s, over the driver and the Ray worker processes.
 - `kiwi_mt`: for reference, read + clean, then one `Kiwi(num_workers=cores).split_into_sents(all paragraphs)`
   (Kiwi's own thread pool; no WordPiece or packing).
-Every engine makes the same Kiwi call per document: `split_into_sents(paragraphs)`.
+`single`, `linecache` and `korch` hand Kiwi batches of documents' paragraphs (`DocumentProcessor`), one
+analyser thread per process or actor.
 
 The corpus is written as jsonl: copy 0 is the cleaned source documents, copy k > 0 perturbs each document
 (paragraphs rotated, a copy marker appended) so dedup keeps it and Kiwi does comparable work.
@@ -80,9 +82,12 @@ def _engine_single(cfg, tokenizer_dir, out_dir, actors) -> int:
 def _engine_korch(cfg, tokenizer_dir, out_dir, actors) -> int:
     from .pipeline import prepare_corpus
 
+    from .pool import cluster_pool_shape
+
+    pool = cluster_pool_shape(cfg)  # what prepare_corpus picks (before capping by the chunk count)
     manifest = prepare_corpus(cfg, tokenizer_dir, out_dir, progress=False, engine="ray")
     return {"docs": manifest["docs_in"], "seconds_to_first_docs": manifest["seconds_to_first_docs"],
-            "steady_docs_per_s": manifest["steady_docs_per_s"]}
+            "steady_docs_per_s": manifest["steady_docs_per_s"], "pool": pool._asdict()}
 
 
 def _engine_linecache(cfg, tokenizer_dir, out_dir, actors) -> int:
@@ -138,11 +143,14 @@ def _child(argv: list[str]) -> None:
     parser.add_argument("corpus_dir")
     parser.add_argument("tokenizer_dir")
     parser.add_argument("out_dir")
-    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--actors", type=int, default=None)
+    parser.add_argument("--actor-cpus", type=float, default=None)
+    parser.add_argument("--kiwi-threads", type=int, default=None)
     args = parser.parse_args(argv)
     from korch.config import DataConfig
 
-    cfg = DataConfig(inputs=[args.corpus_dir], seq_len=256, preprocess_actors=args.actors, actor_cpus=0.5)
+    cfg = DataConfig(inputs=[args.corpus_dir], seq_len=256, preprocess_actors=args.actors, actor_cpus=args.actor_cpus,
+                     kiwi_threads=args.kiwi_threads)
     if args.engine == "korch":
         import ray
 
@@ -208,8 +216,9 @@ def _tree_rss_mb(pid: int) -> float:
         return 0.0
 
 
-def run_engine(engine: str, corpus_dir: str, tokenizer_dir: str, out_dir: str, actors: int) -> dict:
-    cmd = [sys.executable, "-m", "korch.data.bench", engine, corpus_dir, tokenizer_dir, out_dir, "--actors", str(actors)]
+def run_engine(engine: str, corpus_dir: str, tokenizer_dir: str, out_dir: str, actors: int | None) -> dict:
+    cmd = [sys.executable, "-m", "korch.data.bench", engine, corpus_dir, tokenizer_dir, out_dir]
+    cmd += ["--actors", str(actors)] if actors else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0.0
     stop = threading.Event()
@@ -243,7 +252,6 @@ def run_bench(corpus: list[str], scale: int = 1, max_docs: int | None = None, ac
     from korch.config import DataConfig
 
     cores = os.cpu_count() or 2
-    actors = actors or cores
     root = workdir or tempfile.mkdtemp(prefix="korch-bench-data-")
     os.makedirs(root, exist_ok=True)
     try:
@@ -295,7 +303,7 @@ def run_bench(corpus: list[str], scale: int = 1, max_docs: int | None = None, ac
         "rss_growth_10x": growth,
         "docs": results["single"]["docs"],
         "cores": cores,
-        "actors": actors,
+        "pool": results["korch"].get("pool"),
         "repeat": repeat,
     }
 

@@ -153,7 +153,7 @@ def register_bench(bench) -> None:
     p.add_argument("--corpus", nargs="+", default=None, metavar="PATH", help=f"default: {' '.join(DEFAULT_BENCH_CORPUS)}")
     p.add_argument("--scale", type=int, default=1, metavar="N", help="base corpus = N perturbed copies of the corpus")
     p.add_argument("--docs", type=int, default=None, metavar="N", help="use only the first N documents of the corpus per copy")
-    p.add_argument("--actors", type=int, default=None, help="Kiwi actors (default: cores)")
+    p.add_argument("--actors", type=int, default=None, help="Kiwi actors (default: sized to the free CPUs, as korch run does)")
     p.add_argument("--skip-10x", action="store_true", help="skip the 10x-corpus memory run (rss_growth_10x is null)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the engines N times, interleaved, keeping each one's best docs/s (noisy shared machines)")

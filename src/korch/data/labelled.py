@@ -321,14 +321,17 @@ def _ray_tokenise(tables: list[pa.Table], data, tokenizer_dir: str) -> Iterator[
     ctx.execution_options.preserve_order = True  # shard bytes depend on the order
     ctx.enable_progress_bars = False  # korch prints its own progress line
     try:
+        from .pool import cluster_pool_shape
+
+        pool = cluster_pool_shape(data, chunks=len(tables))
         ds = ray.data.from_arrow(tables)
         ds = ds.map_batches(
             LabelledTokenizer,
             fn_constructor_args=(os.path.abspath(tokenizer_dir), data.seq_len, data.text_pair_column is not None),
             batch_size=_CHUNK_ROWS,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=data.preprocess_actors),
-            num_cpus=data.actor_cpus,
+            compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            num_cpus=pool.actor_cpus,
         )
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
     finally:

@@ -7,8 +7,8 @@ Data flow and why:
   total/(actors*32) bytes, so every actor always has work and no single block holds a whole file.
 - `from_items(chunks)` -> `map_batches(KoreanPreprocessor, batch_size=1, ActorPoolStrategy)`: each actor
   reads its chunk itself (no separate read tasks competing for 2 cores), cleans, runs Kiwi and WordPiece,
-  and returns one Arrow table per chunk. Actors reserve `actor_cpus` (0.5) so 2 of them fit next to the
-  driver on a 2-core machine without the `num_cpus=1` deadlock.
+  and returns one Arrow table per chunk. The pool is sized to the cluster's free CPUs (`korch.data.pool`):
+  on a 2-core machine 2 actors at 0.5 CPU, which fit next to the driver without the `num_cpus=1` deadlock.
 - With `preserve_order`, the driver receives tables in input order, so dedup, doc ids, packing and the
   train/validation split are deterministic. Packing is cheap list work; the driver holds one block per split,
   one row group of output and the dedup hash set.
@@ -42,6 +42,7 @@ import pyarrow as pa
 from korch.errors import UserError
 
 from .packing import Packer
+from .pool import PoolShape, cluster_pool_shape, local_pool_shape
 from .readers import Chunk, chunk_to_dict, expand_inputs, filesystem, plan_chunks
 from .shards import ShardWriter
 from .text import DOC_REASONS, FILE_REASONS, LINE_REASONS
@@ -181,7 +182,7 @@ def consume(tables: Iterable[pa.Table], cfg, cls_id: int, sep_id: int, out_dir: 
     return {"docs_in": docs_in, "docs_out": docs_out, "splits": splits, "shards": shards}
 
 
-def _ray_tables(chunks: list[Chunk], cfg, tokenizer_dir: str) -> Iterator[pa.Table]:
+def _ray_tables(chunks: list[Chunk], cfg, tokenizer_dir: str, pool: PoolShape) -> Iterator[pa.Table]:
     import ray
 
     from .preprocess import KoreanPreprocessor
@@ -195,13 +196,13 @@ def _ray_tables(chunks: list[Chunk], cfg, tokenizer_dir: str) -> Iterator[pa.Tab
     actor_cfg = cfg.model_copy(update={"inputs": []})  # actors need settings, not the input list
     ds = ds.map_batches(
         KoreanPreprocessor,
-        fn_constructor_args=(actor_cfg, os.path.abspath(tokenizer_dir)),
+        fn_constructor_args=(actor_cfg, os.path.abspath(tokenizer_dir), pool.kiwi_threads),
         batch_size=1,
         batch_format="numpy",
         # 2 chunks in flight per actor: one running, one queued, so no actor idles between chunks and the
         # tail is not stuck behind a deep queue on one actor.
-        compute=ray.data.ActorPoolStrategy(size=cfg.preprocess_actors, max_tasks_in_flight_per_actor=2),
-        num_cpus=cfg.actor_cpus,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=pool.actor_cpus,
     )
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
@@ -248,15 +249,19 @@ def prepare_corpus(cfg, tokenizer_dir: str, output_dir: str, seed: int = 42, pro
     started = time.perf_counter()
     skipped: collections.Counter = collections.Counter()
     total = sum(f.size for f in files)
-    chunks = plan_chunks(files, chunk_bytes_for(total, cfg.preprocess_actors), skipped)
     tmp = os.path.join(output_dir, f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     ray_started = False
     try:
-        if engine == "ray" and chunks:
+        if engine == "ray":
             ray_started = ensure_ray_for_pool(cfg)
-            tables = _ray_tables(chunks, cfg, tokenizer_dir)
+            pool = cluster_pool_shape(cfg)
+        else:
+            pool = local_pool_shape(cfg)
+        chunks = plan_chunks(files, chunk_bytes_for(total, pool.actors), skipped)
+        if engine == "ray" and chunks:
+            tables = _ray_tables(chunks, cfg, tokenizer_dir, pool._replace(actors=min(pool.actors, len(chunks))))
         else:
             tables = _local_tables(chunks, cfg, tokenizer_dir) if chunks else (t for t in ())
         meter = Progress(progress)
@@ -322,7 +327,10 @@ def ensure_ray_for_pool(cfg) -> bool:
     if not ray.is_initialized():
         ray.init(**local_ray_options(max(2, min(4, os.cpu_count() or 2))))
         started = True
-    need, have = cfg.preprocess_actors * cfg.actor_cpus, ray.cluster_resources().get("CPU", 0)
+    if cfg.preprocess_actors is None:
+        return started  # sized to what is free (korch.data.pool), so it always fits
+    pool = cluster_pool_shape(cfg)
+    need, have = pool.actors * pool.actor_cpus, ray.cluster_resources().get("CPU", 0)
     if need > have:
         if started:
             ray.shutdown()

@@ -5,8 +5,12 @@ Ray pipeline wraps it in `KoreanPreprocessor`, a callable class, so each Ray Dat
 exactly once in `__init__` (a `Kiwi` cannot be pickled, and building one takes ~1 s and ~260 MB). The
 benchmark's single-process loops use the same `DocumentProcessor`, so every variant makes the same Kiwi calls.
 
-Per document the Kiwi call is `kiwi.split_into_sents(paragraphs, return_tokens=cfg.morphemes)`: one call per
-document over its paragraphs (lines), so paragraph breaks are always sentence breaks.
+Kiwi sees paragraphs (lines), so paragraph breaks are always sentence breaks. `DocumentProcessor` hands Kiwi a
+whole batch of documents' paragraphs in one `split_into_sents` call (`batch=True`, what the actors do): Kiwi's
+batch API keeps its analyser busy instead of paying a call per document. Kiwi analyses each paragraph on its
+own, so the sentences, and so the output, are the same as one call per document (`batch=False`, the
+benchmark's plain-loop reference). A batch Kiwi fails on is redone one document at a time, so exactly the
+documents that fail are skipped as `preprocess_error`, as before.
 
 Word starts (for whole-word masking): with `morphemes: true`, a token starts a word when it begins at a
 Kiwi morpheme's first character outside earlier morphemes (so 먹었다 -> 먹 | 었 | 다 groups; see
@@ -87,13 +91,16 @@ def morpheme_starts(tokens, base: int = 0) -> list[int]:
 class DocumentProcessor:
     """Clean -> Kiwi sentences (and morphemes) -> WordPiece ids, for one process. Not picklable (holds Kiwi)."""
 
-    def __init__(self, cfg, tokenizer_dir: str):
+    def __init__(self, cfg, tokenizer_dir: str, batch: bool = True, kiwi_threads: int = 1):
         self.cfg = cfg
+        self.batch = batch
         self.kiwi = None
         if cfg.split_sentences or cfg.morphemes:
             from kiwipiepy import Kiwi
 
-            self.kiwi = Kiwi(num_workers=1)  # the default starts a thread per core; actors share cores
+            # One analyser thread by default (Kiwi's default is a thread per core): actors are the parallelism.
+            self.kiwi = Kiwi(num_workers=kiwi_threads)
+            self.kiwi.tokenize("")  # Kiwi loads its model lazily, on the first call: pay it here, not mid-chunk
         # The raw `tokenizers` object, not transformers: it is what a fast tokenizer runs anyway, and it keeps
         # torch out of the actors (hundreds of MB each).
         from tokenizers import Tokenizer
@@ -111,8 +118,29 @@ class DocumentProcessor:
         paragraphs = text.split("\n")
         if self.kiwi is None:
             return paragraphs, [[] for _ in paragraphs]
+        return self._collect(paragraphs, self.kiwi.split_into_sents(paragraphs, return_tokens=self.cfg.morphemes))
+
+    def sentences_of(self, texts: list[str]) -> list[tuple[list[str], list[list[int]]] | None]:
+        """`sentences` for many documents; None for a document Kiwi (or its result) fails on."""
+        if self.kiwi is None or not self.batch:
+            return [self._sentences_or_none(text) for text in texts]
+        paragraphs = [text.split("\n") for text in texts]
+        try:
+            results = iter(self.kiwi.split_into_sents([p for paras in paragraphs for p in paras],
+                                                      return_tokens=self.cfg.morphemes))
+            return [self._collect(paras, [next(results) for _ in paras]) for paras in paragraphs]
+        except Exception:  # noqa: BLE001 - find the document(s) at fault one by one, as the per-document path does
+            return [self._sentences_or_none(text) for text in texts]
+
+    def _sentences_or_none(self, text: str) -> tuple[list[str], list[list[int]]] | None:
+        try:
+            return self.sentences(text)
+        except Exception:  # noqa: BLE001 - one document Kiwi chokes on must not end the run
+            return None
+
+    def _collect(self, paragraphs: list[str], results) -> tuple[list[str], list[list[int]]]:
         sents, morph = [], []
-        for para, result in zip(paragraphs, self.kiwi.split_into_sents(paragraphs, return_tokens=self.cfg.morphemes)):
+        for para, result in zip(paragraphs, results):
             if not self.cfg.split_sentences:
                 result_sents = [(para, 0, [t for s in result for t in (s.tokens or [])])]
             else:
@@ -129,18 +157,19 @@ class DocumentProcessor:
         kept_sents: list[list[str]] = []
         kept_morph: list[list[list[int]]] = []
         hashes: list[int] = []
+        texts: list[str] = []
         for raw in docs:
             text, reason = clean_document(raw, cfg.normalize, cfg.min_doc_chars)
             if reason is not None:
                 bad[reason] += 1
                 continue
-            try:
-                sents, morph = self.sentences(text)
-            except Exception:  # noqa: BLE001 - one document Kiwi chokes on must not end the run
+            texts.append(text)
+        for text, found in zip(texts, self.sentences_of(texts)):
+            if found is None:
                 bad["preprocess_error"] += 1
                 continue
-            kept_sents.append(sents)
-            kept_morph.append(morph)
+            kept_sents.append(found[0])
+            kept_morph.append(found[1])
             hashes.append(text_hash(text))
         flat = [s for sents in kept_sents for s in sents]
         encodings = self.backend.encode_batch(flat, add_special_tokens=False) if flat else []
@@ -207,12 +236,12 @@ def build_table(cols: dict[str, list], bad: collections.Counter) -> pa.Table:
 class KoreanPreprocessor:
     """Ray Data callable class: builds `DocumentProcessor` (and so `Kiwi`) once per actor."""
 
-    def __init__(self, cfg, tokenizer_dir: str):
-        # One thread per actor: the actors are the parallelism. `tokenizers` would otherwise start a Rayon
-        # pool with a thread per core in every actor and oversubscribe the machine.
+    def __init__(self, cfg, tokenizer_dir: str, kiwi_threads: int = 1):
+        # WordPiece on one thread: Kiwi's threads and the actors are the parallelism. `tokenizers` would otherwise
+        # start a Rayon pool with a thread per core in every actor and oversubscribe the machine.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.environ["RAYON_NUM_THREADS"] = "1"
-        self.processor = DocumentProcessor(cfg, tokenizer_dir)
+        self.processor = DocumentProcessor(cfg, tokenizer_dir, kiwi_threads=kiwi_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         chunks = [Chunk(str(p), str(f), int(a), int(b), int(g)) for p, f, a, b, g in

@@ -41,10 +41,12 @@ def stage_is_finished(stage_dir: Path) -> bool:
 
 def local_cpus_needed(job: JobConfig) -> int:
     """Ray counts CPUs logically: leave room for Ray Data readers and Kiwi actors beside the train workers."""
+    from korch.data.pool import local_pool_shape
+
     need = 0.0
     for stage in job.stages:
-        dist = stage.distributed
-        need = max(need, dist.num_workers * dist.cpus_per_worker + stage.data.preprocess_actors * stage.data.actor_cpus + 1)
+        dist, pool = stage.distributed, local_pool_shape(stage.data)
+        need = max(need, dist.num_workers * dist.cpus_per_worker + pool.actors * pool.actor_cpus + 1)
     return max(os.cpu_count() or 1, int(-(-need // 1)))
 
 

@@ -160,8 +160,10 @@ def _start_ray(job, stage, max_concurrent: int) -> bool:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
         return False
-    dist = stage.distributed
-    need = max_concurrent * dist.num_workers * dist.cpus_per_worker + stage.data.preprocess_actors * stage.data.actor_cpus + 1
+    from korch.data.pool import local_pool_shape
+
+    dist, pool = stage.distributed, local_pool_shape(stage.data)
+    need = max_concurrent * dist.num_workers * dist.cpus_per_worker + pool.actors * pool.actor_cpus + 1
     init_local_ray(max(os.cpu_count() or 1, math.ceil(need)))
     return True
 

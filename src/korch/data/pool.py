@@ -1,0 +1,73 @@
+"""How big a preprocessing actor pool is: its actor count and CPUs per actor, from what the cluster has free.
+
+`data.preprocess_actors` and `data.actor_cpus` win when set. Unset, one single-threaded Kiwi actor runs per
+free CPU, so a 64-core node runs ~63 actors instead of 2:
+
+- under 4 free CPUs (a laptop), actors take half a CPU each: on a 2-CPU machine two actors then leave a
+  logical CPU for Ray Data's own tasks (at 1 CPU each they would wait for CPUs forever);
+- from 4 free CPUs, actors take a whole CPU each and one CPU is left to the driver, which packs and writes;
+- never more actors than chunks of work, nor than free memory holds at ~0.5 GB each (Kiwi's ~260 MB model
+  plus the worker process).
+
+`pool_shape` is a pure function of those numbers (tested as data); `cluster_pool_shape` reads them from Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from typing import NamedTuple
+
+ACTOR_MEMORY_BYTES = 512 * 2**20
+"""What one Kiwi actor holds: Kiwi's model (~260 MB) and a Ray worker process."""
+WHOLE_CPU_FROM = 4.0
+"""Free CPUs from which actors take a whole CPU each (and one is left to the driver)."""
+
+
+class PoolShape(NamedTuple):
+    actors: int
+    actor_cpus: float
+    kiwi_threads: int
+
+
+def pool_shape(free_cpus: float, actors: int | None = None, actor_cpus: float | None = None,
+               chunks: int | None = None, free_memory_bytes: float | None = None,
+               kiwi_threads: int | None = None) -> PoolShape:
+    """(actors, CPUs per actor) for a Kiwi pool. Set values are kept as they are; unset ones follow the rules
+    in the module docstring."""
+    if actor_cpus is None:
+        actor_cpus = 1.0 if free_cpus >= WHOLE_CPU_FROM else 0.5
+    if actors is None:
+        usable = free_cpus - 1.0 if free_cpus >= WHOLE_CPU_FROM else free_cpus
+        actors = max(1, math.floor(usable / max(actor_cpus, 1.0)))
+        if chunks is not None:
+            actors = min(actors, max(1, chunks))
+        if free_memory_bytes is not None:
+            actors = min(actors, max(1, int(free_memory_bytes // ACTOR_MEMORY_BYTES)))
+    if kiwi_threads is None:
+        kiwi_threads = max(1, math.floor(actor_cpus))
+    return PoolShape(int(actors), float(actor_cpus), int(kiwi_threads))
+
+
+def local_pool_shape(data) -> PoolShape:
+    """The pool a job's data stage gets on this machine alone (how big a local Ray korch starts must be)."""
+    return pool_shape(float(os.cpu_count() or 1), data.preprocess_actors, data.actor_cpus,
+                      kiwi_threads=data.kiwi_threads)
+
+
+def cluster_pool_shape(data, chunks: int | None = None) -> PoolShape:
+    """The pool for `data` (a DataConfig) on the connected Ray cluster, sized by its free CPUs and memory now.
+
+    A korch-started local Ray may declare more logical CPUs than the machine has (room for Ray Data's tasks
+    beside the train workers); Kiwi actors are CPU-bound, so on a one-node cluster on this host the machine's
+    own core count caps the free CPUs.
+    """
+    import ray
+
+    free = ray.available_resources()
+    cpus = float(free.get("CPU", 0.0))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("NodeManagerHostname") == socket.gethostname():
+        cpus = min(cpus, float(os.cpu_count() or 1))
+    return pool_shape(cpus, data.preprocess_actors, data.actor_cpus, chunks, free.get("memory"), data.kiwi_threads)

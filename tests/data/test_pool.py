@@ -1,0 +1,34 @@
+"""Pool sizing as data: what korch.data.pool gives for a laptop, a big node, and set values."""
+
+from __future__ import annotations
+
+import pytest
+
+from korch.data.pool import ACTOR_MEMORY_BYTES, pool_shape
+
+
+@pytest.mark.parametrize("free_cpus,expected", [
+    (1.0, (1, 0.5, 1)),    # one core: one actor at half a CPU
+    (2.0, (2, 0.5, 1)),    # a 2-core laptop: two half-CPU actors, a logical CPU left for Ray Data's tasks
+    (3.0, (3, 0.5, 1)),
+    (4.0, (3, 1.0, 1)),    # from 4 CPUs: whole CPUs, one left to the driver
+    (16.0, (15, 1.0, 1)),
+    (64.0, (63, 1.0, 1)),  # a 64-core node runs 63 single-threaded Kiwi actors, not 2
+])
+def test_unset_pool_follows_the_free_cpus(free_cpus, expected):
+    assert tuple(pool_shape(free_cpus)) == expected
+
+
+def test_set_values_are_kept_whatever_is_free():
+    assert tuple(pool_shape(64.0, actors=2, actor_cpus=0.5)) == (2, 0.5, 1)
+    assert tuple(pool_shape(2.0, actors=4)) == (4, 0.5, 1)
+    # Wider actors run one Kiwi thread per whole CPU (fewer ~260 MB Kiwi models for the same cores).
+    assert tuple(pool_shape(64.0, actor_cpus=4.0)) == (15, 4.0, 4)
+    assert tuple(pool_shape(64.0, actor_cpus=4.0, kiwi_threads=2)) == (15, 4.0, 2)
+
+
+def test_work_and_memory_cap_the_actor_count():
+    assert pool_shape(64.0, chunks=5).actors == 5
+    assert pool_shape(64.0, chunks=0).actors == 1
+    assert pool_shape(64.0, free_memory_bytes=10 * ACTOR_MEMORY_BYTES + 1).actors == 10
+    assert pool_shape(64.0, actors=40, chunks=5).actors == 40  # a set count is the user's call
