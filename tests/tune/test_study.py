@@ -67,3 +67,21 @@ def test_leaderboard_for_a_lower_is_better_metric():
         study.tell(trial, value) if value == value else study.tell(trial, state=optuna.trial.TrialState.FAIL)
     rows = build_leaderboard(study.get_trials(), "min", max_epochs=1)
     assert [r["metric"] for r in rows][:2] == [0.3, 0.5]
+
+
+def test_grid_points_go_into_one_study_in_order_and_a_resume_continues_them():
+    """The bench's grid search records every point as the trial's params; Optuna refuses a categorical
+    parameter whose choices differ between trials, so each parameter keeps all its grid values as choices."""
+    from ray.tune.search import Searcher
+
+    from korch.tune.trial import TRIAL_KEY, FixedPointsSearch
+
+    points = [{"lr": lr, "gamma": g} for lr in (1e-4, 1e-3) for g in (0.5, 2.0)]
+    study = optuna.create_study(direction="maximize")
+    first = FixedPointsSearch(points, study, "accuracy", "max")
+    given = [first.suggest(f"t{i}") for i in range(2)]
+    assert [{k: v for k, v in g.items() if k != TRIAL_KEY} for g in given] == points[:2]
+    resumed = FixedPointsSearch(points, study, "accuracy", "max", skip=2)  # a resumed campaign, 2 done
+    given += [resumed.suggest(f"r{i}") for i in range(2)]
+    assert resumed.suggest("r2") == Searcher.FINISHED
+    assert [t.params for t in study.get_trials(deepcopy=False)] == points

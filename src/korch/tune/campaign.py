@@ -207,7 +207,7 @@ def _search(req: TuneRequest, space, stage, setup: dict, campaign_dir: Path, win
     # A new sampler seed per session: the same seed would replay the first session's random start-up points.
     seed = int(state["seed"]) + 1000 * (int(state["sessions"]) - 1)
     if req.sampler == "grid":
-        searcher = FixedPointsSearch(list(req.grid or [])[done:], study, space.metric, space.mode)
+        searcher = FixedPointsSearch(list(req.grid or []), study, space.metric, space.mode, skip=done)
         scheduler = FIFOScheduler()
     else:
         sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.startup_trials) if req.sampler == "tpe"

@@ -174,17 +174,25 @@ class DeadlineOptunaSearch(OptunaSearch):
 class FixedPointsSearch(Searcher):
     """Grid search through the same study machinery: hands out the given points in order (for the bench)."""
 
-    def __init__(self, points: list[dict], study, metric: str, mode: str):
+    def __init__(self, points: list[dict], study, metric: str, mode: str, skip: int = 0):
         super().__init__(metric=metric, mode=mode)
-        self.points, self.study, self.trials = list(points), study, {}
+        self.points, self.study, self.trials = list(points)[skip:], study, {}
+        # Each parameter's grid values, the same choices on every trial (a resumed campaign's too): Optuna
+        # refuses a categorical parameter whose choices change within a study.
+        self.axes: dict[str, list] = {}
+        for point in points:
+            for key, value in point.items():
+                if value not in self.axes.setdefault(key, []):
+                    self.axes[key].append(value)
 
     def suggest(self, trial_id: str):
         if not self.points:
             return Searcher.FINISHED
         point = self.points.pop(0)
+        self.study.enqueue_trial(point)  # the next ask() gets exactly this point
         trial = self.study.ask()
-        for key, value in point.items():  # record the params so the leaderboard shows them
-            trial.suggest_categorical(key, [value])
+        for key in point:  # record the params so the leaderboard shows them
+            trial.suggest_categorical(key, self.axes[key])
         trial.set_user_attr("folder", f"trials/trial-{trial.number:03d}")
         self.trials[trial_id] = trial
         return {**point, TRIAL_KEY: trial.number}
