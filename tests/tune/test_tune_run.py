@@ -65,7 +65,9 @@ def test_kill_resume_extend(tmp_path):
     extended = subprocess.run(korch_tune(tmp_path, "--num-samples", "4", "--resume"), cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=400)
     assert extended.returncode == 0, extended.stderr[-3000:]
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials(campaign)) >= 4
+    states = [(t.number, t.state.name, t.user_attrs.get("stopped")) for t in trials(campaign)]
+    assert sum(state in ("COMPLETE", "PRUNED") for _, state, _ in states) >= 4, \
+        f"{states}\n{done.stdout[-2000:]}\n{extended.stdout[-3000:]}\n{extended.stderr[-3000:]}"
 
     with open(campaign / "leaderboard.csv") as handle:
         rows = list(csv.DictReader(handle))
