@@ -25,14 +25,25 @@ def default_storage(campaign_dir: Path) -> str:
     return f"sqlite:///{(campaign_dir / 'study.db').resolve()}"
 
 
+def sqlalchemy_url(url: str, have_psycopg2: bool) -> str:
+    """A plain postgresql:// URL names SQLAlchemy's default driver, psycopg2; without it, use psycopg 3
+    (korch's `postgres` extra) instead. URLs that name a driver, and other databases, are kept as given."""
+    if url.startswith("postgresql://") and not have_psycopg2:
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
 def open_storage(url: str):
     """An RDB storage; a URL that can't be opened is the user's to fix (one line, exit 2)."""
+    import importlib.util
+
     import optuna
 
     from korch.errors import UserError
 
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+        return optuna.storages.RDBStorage(sqlalchemy_url(url, importlib.util.find_spec("psycopg2") is not None),
+                                          heartbeat_interval=None)
     except Exception as exc:  # sqlalchemy raises many kinds (bad driver, refused connection, bad password)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--storage {url}: cannot open the study storage ({first}); give sqlite:///PATH or "
