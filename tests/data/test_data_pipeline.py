@@ -136,10 +136,10 @@ def test_progress_separates_startup_from_steady_rate():
 def test_batched_kiwi_calls_give_the_per_document_output(corpus_dir, tokenizer_dir, make_cfg, morphemes):
     """One split_into_sents call per chunk (the actors' path) and one per document (the plain loop) agree row for
     row: Kiwi analyses every paragraph on its own either way."""
+    import collections
+
     from korch.data.preprocess import DocumentProcessor
     from korch.data.readers import expand_inputs, plan_chunks
-
-    import collections
 
     cfg = make_cfg(inputs=[str(corpus_dir)], seq_len=24, morphemes=morphemes)
     chunks = plan_chunks(expand_inputs(cfg.inputs, cfg.format), 4096, collections.Counter())

@@ -155,6 +155,11 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
     return all((directory / name).is_file() for name in (STATE_FILE, MODEL_FILE, OPTIMIZER_FILE))
 
 
+def checkpoint_step(directory: str | os.PathLike) -> int:
+    """The optimizer step a checkpoint was saved at (its state.json)."""
+    return int(json.loads((Path(directory) / STATE_FILE).read_text()).get("step", 0))
+
+
 def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
     from safetensors.torch import load_file
 

@@ -244,6 +244,7 @@ def _stage_context(job: JobConfig, job_dir: Path, stage: StageConfig, fresh: boo
 
 def _resume_step(ctx) -> int:
     """The step the stage will continue from: an explicit checkpoint's, else its current Ray run's newest, else 0."""
+    from korch.train.checkpoint import checkpoint_step
     from korch.train.runner import RUN_STATE, latest_checkpoint
 
     source = None
@@ -254,4 +255,4 @@ def _resume_step(ctx) -> int:
         source = latest_checkpoint(ctx.stage_dir / "ray" / run_name)
     if source is None or not (source / "state.json").exists():
         return 0
-    return int(json.loads((source / "state.json").read_text()).get("step", 0))
+    return checkpoint_step(source)

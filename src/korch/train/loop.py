@@ -8,7 +8,6 @@ and the metrics are and how the model is exported come from the stage's `TrainTa
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -64,12 +63,12 @@ class TrainLoopConfig(BaseModel):
 
 def newest_checkpoint(candidates: list[str | None]) -> str | None:
     """The candidate checkpoint folder with the highest step (the first of equals); None when there is none."""
-    from korch.train.checkpoint import STATE_FILE
+    from korch.train.checkpoint import checkpoint_step
 
     best, best_step = None, -1
     for folder in candidates:
         if folder:
-            step = int(json.loads((Path(folder) / STATE_FILE).read_text()).get("step", 0))
+            step = checkpoint_step(folder)
             if step > best_step:
                 best, best_step = folder, step
     return best

@@ -158,15 +158,14 @@ def _step(stage_dir: Path, finished: bool) -> int | None:
         step = json.loads((stage_dir / SUMMARY).read_text()).get("final_step")
         if step is not None:
             return int(step)
+    from korch.train.checkpoint import checkpoint_step
     from korch.train.runner import RUN_STATE, latest_checkpoint
 
     if not (stage_dir / RUN_STATE).is_file():
         return None
     run_name = json.loads((stage_dir / RUN_STATE).read_text()).get("ray_run_name", "")
     checkpoint = latest_checkpoint(stage_dir / "ray" / run_name)
-    if checkpoint is None or not (checkpoint / "state.json").is_file():
-        return None
-    return int(json.loads((checkpoint / "state.json").read_text()).get("step", 0))
+    return None if checkpoint is None else checkpoint_step(checkpoint)
 
 
 def _key_metric(stage: StageConfig, stage_dir: Path) -> str | None:

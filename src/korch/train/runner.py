@@ -171,8 +171,6 @@ def apply_from_checkpoint(ctx: StageContext, path: str) -> None:
 def newest_logged_checkpoint(stage_dir: Path, run_name: str) -> Path | None:
     """The highest-step checkpoint of Ray run `run_name` that events.jsonl says was written. The loop logs a
     checkpoint only after Ray has stored it, so a folder an interrupted copy left half-written never counts."""
-    from korch.train.checkpoint import is_checkpoint
-
     events = stage_dir / "events.jsonl"
     if not events.is_file():
         return None
@@ -184,21 +182,16 @@ def newest_logged_checkpoint(stage_dir: Path, run_name: str) -> Path | None:
             continue  # a line cut short by a kill
         if event.get("event") == "checkpoint":
             logged.add(event.get("step"))
-    found = []
-    for folder in (stage_dir / "ray" / run_name).glob("checkpoint_*"):
-        if is_checkpoint(folder):
-            step = json.loads((folder / "state.json").read_text()).get("step")
-            if step in logged:
-                found.append((step, folder.stat().st_mtime, folder))
-    return max(found)[2] if found else None
+    return latest_checkpoint(stage_dir / "ray" / run_name, steps=logged)
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The korch checkpoint with the highest step under a stage folder (`ray/<run>/checkpoint_*`) or a Ray run folder."""
-    from korch.train.checkpoint import is_checkpoint
+def latest_checkpoint(folder: Path, steps: set | None = None) -> Path | None:
+    """The korch checkpoint with the highest step under a stage folder (`ray/<run>/checkpoint_*`) or a Ray run folder;
+    with `steps`, only among checkpoints saved at one of those steps."""
+    from korch.train.checkpoint import checkpoint_step, is_checkpoint
 
-    candidates = [p for pattern in ("checkpoint_*", "*/checkpoint_*", "ray/*/checkpoint_*") for p in folder.glob(pattern)
+    patterns = ("checkpoint_*", "*/checkpoint_*", "ray/*/checkpoint_*")
+    candidates = [(checkpoint_step(p), p.stat().st_mtime, p) for pattern in patterns for p in folder.glob(pattern)
                   if is_checkpoint(p)]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: (json.loads((p / "state.json").read_text()).get("step", 0), p.stat().st_mtime))
+    candidates = [c for c in candidates if steps is None or c[0] in steps]
+    return max(candidates)[2] if candidates else None
