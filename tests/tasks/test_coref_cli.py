@@ -50,3 +50,33 @@ def test_eval_coref_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_shuffle_buffer_is_a_seeded_permutation_that_streams():
+    from korch.data.coref import ShuffleBuffer
+
+    def run(seed):
+        buffer = ShuffleBuffer(4, seed)
+        out, early = [], 0
+        for i in range(20):
+            emitted = list(buffer.add(i))
+            early += len(emitted)
+            out += emitted
+        return out + list(buffer.drain()), early
+
+    order, early = run(0)
+    assert sorted(order) == list(range(20)) and order != list(range(20))
+    assert early == 16  # at most `size` + 1 items are ever held
+    assert run(0)[0] == order and run(1)[0] != order
+
+
+def test_coref_blocks_are_written_in_a_mixed_document_order():
+    """Training reads a row group at a time: blocks in document order would feed it the same entities for many
+    steps in a row (see SHUFFLE_BUFFER)."""
+    import pyarrow.parquet as pq
+    from pathlib import Path
+
+    doc_ids = []
+    for shard in sorted((Path(data.coref_dir()) / "train").glob("*.parquet")):
+        doc_ids += pq.read_table(shard, columns=["doc_id"]).column("doc_id").to_pylist()
+    assert len(set(doc_ids)) > 2 and doc_ids != sorted(doc_ids)
