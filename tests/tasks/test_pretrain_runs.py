@@ -25,7 +25,7 @@ def test_coref_mlm_job_trains_on_2_workers_and_selects_the_best_epoch_by_real1(t
         "data.inputs": f"[{data.coref_dir()}]", "tokenizer.path": data.tokenizer_dir(),
         "distributed.num_workers": 2, "distributed.use_gpu": "false", "distributed.cpus_per_worker": 0.5,
         "distributed.deepspeed.precision": "auto", "train.epochs": 2, "train.micro_batch_size": 8,
-        "train.grad_accum": 1, "train.lr": 3.0e-3, "train.warmup_steps": 5, "train.log_every_steps": 5,
+        "train.grad_accum": 1, "train.lr": 3.0e-3, "train.warmup_steps": 5, "train.log_every_steps": 1,
         "train.checkpoint_every_steps": 1000,
     }
     sets = [arg for key, value in overrides.items() for arg in ("--set", f"{stage}{key}={value}")]
