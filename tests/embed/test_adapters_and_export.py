@@ -11,7 +11,7 @@ from toy_tokenizer import toy_tokenizer
 from transformers import AutoModel, BertConfig
 
 from korch.config import ModelConfig
-from korch.eval.embed import cosine_rows, encode, evaluate_folder, load_encoder
+from korch.eval.embed import cosine_rows, encode, evaluate_folder, idf_weights, load_encoder, load_token_weights
 from korch.models.adapters import AdaptedLinear, adapter_state, add_adapters, merge_adapters
 from korch.models.encoder import encoder_from_config
 from korch.tasks.adapter import AdapterOptions, AdapterTask
@@ -80,11 +80,13 @@ def test_only_adapter_parameters_reach_the_optimizer(tokenizer):
     assert adapter_params == 2 * ((32 * 4 + 4 + 4 * 32 + 32) + (32 * 8 + 8 + 8 * 32 + 32))
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "idf"])
 def test_export_loads_in_sentence_transformers_with_korchs_embeddings(tokenizer, tmp_path, pooling):
     from sentence_transformers import SentenceTransformer
 
-    task = AdapterTask(AdapterOptions(r=8, pooling=pooling), ModelConfig(), tokenizer, 32, {})
+    ids = tokenizer(TEXTS)["input_ids"]
+    info = {"token_weights": idf_weights(ids, len(VOCAB))} if pooling == "idf" else {}
+    task = AdapterTask(AdapterOptions(r=8, pooling=pooling), ModelConfig(), tokenizer, 32, info)
     net = add_adapters(_tiny_encoder(), [8])
     _perturb_adapters(net)
     adapted = _hidden(net, tokenizer)
@@ -97,7 +99,14 @@ def test_export_loads_in_sentence_transformers_with_korchs_embeddings(tokenizer,
     torch.testing.assert_close(_hidden(plain, tokenizer), adapted, rtol=1e-4, atol=1e-5)
     model, tok, folder_pooling, max_length = load_encoder(str(folder))
     assert folder_pooling == pooling and max_length == 32
-    ours = encode(model, tok, TEXTS, folder_pooling, max_length)
+    weights = load_token_weights(str(folder))
+    assert (weights is None) == (pooling != "idf")
+    ours = encode(model, tok, TEXTS, folder_pooling, max_length, token_weights=weights)
+    # korch's training-time pooling (the task's `embed`) is the exported one
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(task.embed(AutoModel.from_pretrained(folder).eval(), batch["input_ids"],
+                                              batch["attention_mask"]), ours, rtol=1e-4, atol=1e-5)
     theirs = torch.as_tensor(SentenceTransformer(str(folder), device="cpu").encode(TEXTS))
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     pairs = tmp_path / "pairs.tsv"
@@ -106,4 +115,28 @@ def test_export_loads_in_sentence_transformers_with_korchs_embeddings(tokenizer,
                                            (1.0, TEXTS[2], TEXTS[3])]))
     result = evaluate_folder(str(folder), str(pairs))
     assert result["sim_mean"] == pytest.approx(sum(cosine_rows(ours[[0, 0]], ours[[0, 3]])) / 2, abs=1e-5)
-    assert set(json.loads((folder / "1_Pooling" / "config.json").read_text())) >= {"pooling_mode_mean_tokens"}
+    pooling_dir = "2_Pooling" if pooling == "idf" else "1_Pooling"
+    assert set(json.loads((folder / pooling_dir / "config.json").read_text())) >= {"pooling_mode_mean_tokens"}
+
+
+def test_idf_stage_data_carries_weights_of_its_own_sentences(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from korch.tasks.simcse import SimcseOptions, SimcseTask, prepare_pairs
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("score\tsentence1\tsentence2\n4.5\t비가 온다 .\t비가 잔다\n1.0\t고양이 잔다\t남자 노래 한다 .\n"
+                     "4.0\t비가 온다 .\t비가 온다\n")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    stage = SimpleNamespace(data=SimpleNamespace(inputs=[str(pairs)], seq_len=16), train=SimpleNamespace(seed=1))
+    options = SimcseOptions(mode="supervised", loss="cosent", pooling="idf")
+    manifest = prepare_pairs(stage, str(tmp_path / "tok"), str(tmp_path / "data"), options)
+    info = SimcseTask.data_info(manifest, options)
+    # 5 distinct sentences ("비가 온다 ." appears in two pairs, counted once): 비가 in 3, 잔다 in 2, 고양이 in 1
+    expected = idf_weights(tokenizer(["비가 온다 .", "비가 잔다", "고양이 잔다", "남자 노래 한다 .", "비가 온다"])["input_ids"],
+                           len(VOCAB))
+    assert info["token_weights"] == pytest.approx(expected, abs=1e-6)
+    vocab = tokenizer.get_vocab()
+    assert info["token_weights"][vocab["고양이"]] > info["token_weights"][vocab["잔다"]] > info["token_weights"][vocab["비가"]]
+    mean_manifest = prepare_pairs(stage, str(tmp_path / "tok"), str(tmp_path / "mean"), SimcseOptions(pooling="mean"))
+    assert "token_weights" not in SimcseTask.data_info(mean_manifest, SimcseOptions())

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from korch.errors import UserError
-from korch.eval.embed import format_stage_table, pair_metrics, read_pairs, spearman
+from korch.eval.embed import format_stage_table, idf_weights, pair_metrics, pool, read_pairs, spearman
 from korch.eval.guard import guard_verdict
 
 
@@ -16,6 +16,26 @@ def test_spearman_matches_rank_correlation_with_ties():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]) = 0.9486832980505138 (average ranks for the tie)
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)
+
+
+def test_idf_weights_are_smoothed_and_rank_rare_tokens_first():
+    rows = [[0, 5, 1], [0, 6, 6, 1], [0, 5, 7, 1]]  # 0 and 1 (CLS, SEP) in every row; repeats count once
+    weights = idf_weights(rows, 9)
+    assert weights[0] == weights[1] == pytest.approx(1.0)
+    assert weights[5] == pytest.approx(math.log(4 / 3) + 1) and weights[6] == pytest.approx(math.log(4 / 2) + 1)
+    assert weights[8] == pytest.approx(math.log(4) + 1) == max(weights)  # never seen: the largest weight
+
+
+def test_idf_pooling_is_the_weighted_mean_over_real_tokens():
+    import torch
+
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    pooled = pool(hidden, mask, "idf", torch.tensor([[1.0, 3.0, 5.0]]))
+    torch.testing.assert_close(pooled, torch.tensor([[0.25, 0.75]]))  # padding's weight never counts
+    torch.testing.assert_close(pool(hidden, mask, "mean"), torch.tensor([[0.5, 0.5]]))
+    with pytest.raises(ValueError, match="token_weights"):
+        pool(hidden, mask, "idf")
 
 
 def test_pair_metrics_split_by_configurable_thresholds():

@@ -3,8 +3,8 @@ on ../shared/data (one Ray run: the adapter task is the simcse task on a frozen 
 with KorNLI hard negatives gathered across both workers), guarded so that it must regress: the job stops with
 one line and exit 1, the stage is `regressed` in eval.json and events.jsonl, nothing is promoted, and the
 comparison table lists both stages. The adapter's merged final/ loads in sentence-transformers with the
-embeddings `korch eval embed` computes. (The simcse and bottleneck stages ran in the README's CPU run; their
-parts are tested in-process in tests/embed.)"""
+embeddings `korch eval embed` computes, IDF-weighted pooling included. (The simcse and bottleneck stages ran in
+the README's CPU run; their parts are tested in-process in tests/embed.)"""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def _job(path: Path) -> Path:
         {"name": "expand", "task": "vocab_expand", "tokenizer": {"vocab_size": 1500, "max_docs": 60},
          "model": {"overrides": {"hidden_size": 32, "intermediate_size": 64}},
          "data": {"inputs": [str(DATA / "kowiki_sample")], "max_docs": 30, "seq_len": 32, "split_sentences": False},
-         "vocab_expand": {"max_new_tokens": 100, "min_count": 2}, "eval": {"embed": sts}},
+         "vocab_expand": {"max_new_tokens": 100, "min_count": 2, "pooling": "idf"}, "eval": {"embed": sts}},
         {"name": "hier", "task": "adapter", "needs": "expand", "data": {"inputs": nli, "seq_len": 32},
-         "adapter": {"kind": "hierarchical", "r": 8, "language_r": 4, "mode": "supervised", "pooling": "mean",
+         "adapter": {"kind": "hierarchical", "r": 8, "language_r": 4, "mode": "supervised", "pooling": "idf",
                      "max_rows": 96}, "train": train,
          # A gain of 5 in cosine gap is impossible: the guard has to stop this stage.
          "eval": {"embed": sts, "guard": {"metric": "gap", "min_delta": 5.0, "on_regression": "fail"}},
@@ -67,7 +67,7 @@ def test_stages_chain_and_the_merged_export_matches_sentence_transformers(pipeli
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from korch.eval.embed import encode, load_encoder
+    from korch.eval.embed import encode, load_encoder, load_token_weights
 
     job_dir, _ = pipeline
     expand = json.loads((job_dir / "expand" / "summary.json").read_text())
@@ -78,6 +78,9 @@ def test_stages_chain_and_the_merged_export_matches_sentence_transformers(pipeli
     assert config["vocab_size"] == expand["vocab_size"] and config["architectures"] == ["BertModel"]
     texts = ["비행기가 이륙하고 있다.", "한 남자가 큰 플루트를 연주하고 있다."]
     model, tokenizer, pooling, max_length = load_encoder(str(final))
-    assert pooling == "mean"
+    assert pooling == "idf"  # IDF weights of the stage's own training sentences, as a WordWeights module
+    weights = load_token_weights(str(final))
+    assert len(weights) == expand["vocab_size"] and weights.min() >= 1.0 and weights.max() > 2.0
     theirs = torch.as_tensor(SentenceTransformer(str(final), device="cpu").encode(texts))
-    torch.testing.assert_close(theirs, encode(model, tokenizer, texts, pooling, max_length), rtol=1e-4, atol=1e-5)
+    ours = encode(model, tokenizer, texts, pooling, max_length, token_weights=weights)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)

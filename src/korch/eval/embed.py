@@ -8,6 +8,12 @@ files (gold_label) count entailment as similar and contradiction as different an
 The metric functions are pure (lists in, numbers out) and tested as data; `encode` is the one place that turns
 a model folder into vectors, and the sentence-transformers export (`write_sentence_transformers_files`) makes
 `SentenceTransformer(final/)` pool exactly as `encode` does.
+
+Pooling `idf` is the mean of the token vectors weighted by each token's inverse document frequency over the
+stage's training sentences (`idf_weights`), so that particles and endings shared by most Korean sentences count
+less than the content words that tell two sentences apart. The weights travel with the model as
+sentence-transformers' `WordWeights` module (`1_WordWeights/config.json`), which multiplies each token vector
+by its weight before a mean pooling that divides by the weights' sum: the same number `pool` computes.
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from korch.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "idf")
 
 
 @dataclass(frozen=True)
@@ -126,39 +132,101 @@ def pair_metrics(cosines: Sequence[float], scores: Sequence[float] | None = None
 
 # --- model folders ---------------------------------------------------------------------------------------------
 
-def pool(hidden: "torch.Tensor", attention_mask: "torch.Tensor", pooling: str) -> "torch.Tensor":
-    """One vector per row: the first token (`cls`) or the mean over real tokens (`mean`, padding never counts)."""
+def pool(hidden: "torch.Tensor", attention_mask: "torch.Tensor", pooling: str,
+         token_weights: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """One vector per row: the first token (`cls`), the mean over real tokens (`mean`, padding never counts), or
+    their mean weighted by `token_weights` (`idf`: one weight per position, e.g. `weights[input_ids]`)."""
     if pooling == "cls":
         return hidden[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    mask = attention_mask.to(hidden.dtype)
+    if pooling == "idf":
+        if token_weights is None:
+            raise ValueError("pooling idf needs token_weights (one weight per position)")
+        mask = mask * token_weights.to(hidden.dtype)
+    mask = mask.unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def idf_weights(token_ids: Iterable[Sequence[int]], vocab_size: int) -> list[float]:
+    """Smoothed inverse document frequency of every id, each row of `token_ids` one document (a sentence):
+    log((n + 1) / (df + 1)) + 1, as scikit-learn's TfidfVectorizer. Ids never seen get the largest weight
+    (a rare token is informative); ids in every row (CLS, SEP) get 1."""
+    df = [0] * vocab_size
+    n = 0
+    for ids in token_ids:
+        n += 1
+        for i in set(ids):
+            if 0 <= i < vocab_size:
+                df[i] += 1
+    return [math.log((n + 1) / (d + 1)) + 1 for d in df]
+
+
+def _modules(folder: str) -> list[dict]:
+    path = Path(folder) / "modules.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def folder_pooling(folder: str) -> str:
-    """The pooling a sentence-transformers folder declares (korch writes `1_Pooling/config.json`); `cls` without."""
-    config = Path(folder) / "1_Pooling" / "config.json"
+    """The pooling a sentence-transformers folder declares: `idf` with a WordWeights module, else what its
+    Pooling config says; `cls` for a folder with no sentence-transformers files."""
+    modules = _modules(folder)
+    if any(m["type"].endswith("WordWeights") for m in modules):
+        return "idf"
+    pooling_dir = next((m["path"] for m in modules if m["type"].endswith("Pooling")), "1_Pooling")
+    config = Path(folder) / pooling_dir / "config.json"
     if not config.exists():
         return "cls"
     return "mean" if json.loads(config.read_text()).get("pooling_mode_mean_tokens") else "cls"
 
 
-def write_sentence_transformers_files(folder: str, pooling: str, hidden_size: int, max_seq_length: int) -> None:
-    """modules.json + pooling config: `SentenceTransformer(folder)` then loads the HF encoder with this pooling."""
+def load_token_weights(folder: str) -> "torch.Tensor | None":
+    """The per-id weights of an `idf` folder (its WordWeights config, in tokenizer id order); None otherwise."""
+    import torch
+
+    module = next((m for m in _modules(folder) if m["type"].endswith("WordWeights")), None)
+    if module is None:
+        return None
+    config = json.loads((Path(folder) / module["path"] / "config.json").read_text())
+    weights, unknown = config["word_weights"], config.get("unknown_word_weight", 1.0)
+    return torch.tensor([weights.get(token, unknown) for token in config["vocab"]], dtype=torch.float32)
+
+
+def write_sentence_transformers_files(folder: str, pooling: str, hidden_size: int, max_seq_length: int,
+                                      token_weights: Sequence[float] | None = None, tokenizer=None) -> None:
+    """modules.json + pooling config: `SentenceTransformer(folder)` then loads the HF encoder with this pooling.
+
+    `idf` also needs `token_weights` (one per id of `tokenizer`), written as a WordWeights module between the
+    encoder and a mean pooling."""
     root = Path(folder)
-    (root / "1_Pooling").mkdir(parents=True, exist_ok=True)
-    (root / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}], indent=1))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    if pooling == "idf":
+        if token_weights is None or tokenizer is None:
+            raise ValueError("pooling idf needs token_weights and the tokenizer they index")
+        vocab = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+        if len(vocab) != len(token_weights):
+            raise ValueError(f"{len(token_weights)} token weights for a vocabulary of {len(vocab)}")
+        (root / "1_WordWeights").mkdir(parents=True, exist_ok=True)
+        (root / "1_WordWeights" / "config.json").write_text(json.dumps({
+            "vocab": vocab, "word_weights": dict(zip(vocab, map(float, token_weights))),
+            "unknown_word_weight": float(max(token_weights))}, ensure_ascii=False))
+        modules.append({"idx": 1, "name": "1", "path": "1_WordWeights",
+                        "type": "sentence_transformers.models.WordWeights"})
+    pooling_dir = f"{len(modules)}_Pooling"
+    modules.append({"idx": len(modules), "name": str(len(modules)), "path": pooling_dir,
+                    "type": "sentence_transformers.models.Pooling"})
+    (root / pooling_dir).mkdir(parents=True, exist_ok=True)
+    (root / "modules.json").write_text(json.dumps(modules, indent=1))
     (root / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
                                                                  "do_lower_case": False}))
-    (root / "1_Pooling" / "config.json").write_text(json.dumps({
+    (root / pooling_dir / "config.json").write_text(json.dumps({
         "word_embedding_dimension": hidden_size, "pooling_mode_cls_token": pooling == "cls",
-        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_tokens": pooling != "cls", "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}, indent=1))
 
 
 def load_encoder(folder: str):
-    """(model, tokenizer, pooling, max_length) of an exported stage folder; safetensors only."""
+    """(model, tokenizer, pooling, max_length) of an exported stage folder; safetensors only. An `idf` folder's
+    weights come from `load_token_weights`."""
     from transformers import AutoModel, AutoTokenizer
 
     if not (Path(folder) / "config.json").exists():
@@ -172,8 +240,8 @@ def load_encoder(folder: str):
 
 
 def encode(model, tokenizer, texts: Sequence[str], pooling: str, max_length: int = 128,
-           batch_size: int = 64) -> "torch.Tensor":
-    """Pooled embeddings (not normalised), in input order."""
+           batch_size: int = 64, token_weights: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """Pooled embeddings (not normalised), in input order; `idf` pooling weighs positions by `token_weights[id]`."""
     import torch
 
     vectors = []
@@ -185,7 +253,8 @@ def encode(model, tokenizer, texts: Sequence[str], pooling: str, max_length: int
             batch.pop("token_type_ids", None)
             batch = {k: v.to(device) for k, v in batch.items()}
             hidden = model(**batch).last_hidden_state
-            vectors.append(pool(hidden, batch["attention_mask"], pooling).float().cpu())
+            weights = token_weights.to(device)[batch["input_ids"]] if token_weights is not None else None
+            vectors.append(pool(hidden, batch["attention_mask"], pooling, weights).float().cpu())
     return torch.cat(vectors)
 
 
@@ -198,9 +267,10 @@ def cosine_rows(a: "torch.Tensor", b: "torch.Tensor") -> list[float]:
 def evaluate_folder(folder: str, pairs_path: str, sim_min: float = 4.0, diff_max: float = 1.0,
                     limit: int | None = None) -> dict:
     model, tokenizer, pooling, max_length = load_encoder(folder)
+    weights = load_token_weights(folder)
     pairs = read_pairs(pairs_path, limit)
-    first = encode(model, tokenizer, pairs.first, pooling, max_length)
-    second = encode(model, tokenizer, pairs.second, pooling, max_length)
+    first = encode(model, tokenizer, pairs.first, pooling, max_length, token_weights=weights)
+    second = encode(model, tokenizer, pairs.second, pooling, max_length, token_weights=weights)
     metrics = pair_metrics(cosine_rows(first, second), pairs.scores, pairs.labels, sim_min, diff_max)
     return {**metrics, "pooling": pooling, "pairs_file": os.path.abspath(pairs_path), "model": os.path.abspath(folder)}
 

@@ -96,7 +96,7 @@ def _register_builtin() -> None:
         "korch.tasks.vocab_expand:run_vocab_expand_stage", options=VocabExpandOptions, rows="none"))
     register_task(TaskInfo(
         "simcse", "Contrastive sentence embeddings: unsupervised (dropout positives) or supervised (KorNLI "
-        "entailment positives, contradiction hard negatives), negatives gathered across workers; cls/mean pooling; "
+        "entailment positives, contradiction hard negatives), negatives gathered across workers; cls/mean/idf pooling; "
         "exports an HF encoder that loads in sentence-transformers.",
         embed_runner, options=SimcseOptions, trainer="korch.tasks.simcse:SimcseTask", rows="pairs"))
     register_task(TaskInfo(

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 class SimcseOptions(Section):
     mode: Literal["unsupervised", "supervised"] = "unsupervised"
     """`unsupervised`: positives from dropout noise on the same sentence. `supervised`: KorNLI entailment positives and contradiction hard negatives (and KorSTS pairs scored >= `sts_positive_min`)."""
-    pooling: Literal["cls", "mean"] = "cls"
-    """Sentence vector: the first token (`cls`) or the mean over real tokens (`mean`). The export pools the same way in sentence-transformers."""
+    pooling: Literal["cls", "mean", "idf"] = "cls"
+    """Sentence vector: the first token (`cls`), the mean over real tokens (`mean`), or their mean weighted by each token's inverse document frequency over this stage's training sentences (`idf`: shared particles and endings count less than content words). Training and the export pool the same way; `idf` exports its weights as sentence-transformers' WordWeights module."""
     temperature: float = Field(default=0.05, gt=0.0)
     """Softmax temperature on cosine similarities (SimCSE uses 0.05)."""
     sts_positive_min: float = Field(default=4.0, ge=0.0, le=5.0)
@@ -127,6 +127,7 @@ def prepare_pairs(stage, tokenizer_dir: str, output_dir: str, options: SimcseOpt
     from transformers import AutoTokenizer
 
     from korch.data.shards import ShardWriter
+    from korch.eval.embed import idf_weights
 
     fingerprint = hashlib.sha256(json.dumps([
         [(p, os.path.getsize(p), int(os.path.getmtime(p))) for p in stage.data.inputs if os.path.isfile(p)],
@@ -151,9 +152,19 @@ def prepare_pairs(stage, tokenizer_dir: str, output_dir: str, options: SimcseOpt
     for a, p, n, row in zip(anchors, positives, negatives, rows):
         writer.write({"input_ids": a, "positive_ids": p, "negative_ids": n, "score": float(row[3])})
     shards = writer.close()
+    weights_file = None
+    if options.pooling == "idf":
+        # Each distinct training sentence is one document, so a sentence repeated across pairs counts once.
+        sentences: dict[str, list[int]] = {}
+        for row, a, p, n in zip(rows, anchors, positives, negatives):
+            sentences.update({row[0]: a, row[1]: p, **({row[2]: n} if row[2] else {})})
+        weights_file = os.path.join(output_dir, "token_weights.json")
+        with open(weights_file, "w", encoding="utf-8") as f:
+            json.dump([round(w, 6) for w in idf_weights(sentences.values(), len(tokenizer))], f)
     manifest = {"kind": "pairs", "fingerprint": fingerprint, "seq_len": stage.data.seq_len, "mode": options.mode,
                 "rows": writer.rows, "hard_negatives": sum(1 for n in negatives if n), "tokens": writer.tokens,
                 "tokenizer": os.path.abspath(tokenizer_dir),
+                "token_weights": weights_file and os.path.abspath(weights_file),
                 "splits": {"train": {"rows": writer.rows, "tokens": writer.tokens},
                            "validation": {"rows": 0, "tokens": 0}},
                 "shards": shards}
@@ -294,7 +305,14 @@ class SimcseTask(TrainTask):
     def embed(self, model, ids, mask):
         from korch.eval.embed import pool
 
-        return pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask, self.options.pooling)
+        weights = None
+        if self.options.pooling == "idf":
+            import torch
+
+            if getattr(self, "_weights", None) is None:
+                self._weights = torch.tensor(self.info["token_weights"], dtype=torch.float32)
+            weights = self._weights.to(ids.device)[ids]
+        return pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask, self.options.pooling, weights)
 
     def loss(self, model, batch):
         import torch
@@ -322,7 +340,11 @@ class SimcseTask(TrainTask):
 
     @classmethod
     def data_info(cls, manifest, options) -> dict:
-        return {"hard_negatives": int(manifest.get("hard_negatives", 0))}
+        info = {"hard_negatives": int(manifest.get("hard_negatives", 0))}
+        if manifest.get("token_weights"):
+            with open(manifest["token_weights"], encoding="utf-8") as f:
+                info["token_weights"] = json.load(f)
+        return info
 
     def empty_model(self, config):
         from korch.models.encoder import encoder_from_config
@@ -335,4 +357,5 @@ class SimcseTask(TrainTask):
         model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.model_max_length = self.seq_len
         self.tokenizer.save_pretrained(folder)
-        write_sentence_transformers_files(folder, self.options.pooling, model.config.hidden_size, self.seq_len)
+        write_sentence_transformers_files(folder, self.options.pooling, model.config.hidden_size, self.seq_len,
+                                          self.info.get("token_weights"), self.tokenizer)

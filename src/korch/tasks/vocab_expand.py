@@ -34,8 +34,8 @@ class VocabExpandOptions(Section):
     """Only morphemes seen at least this often in the corpus."""
     min_chars: int = Field(default=2, ge=1)
     """Only morphemes at least this many characters long (single syllables are mostly in the vocabulary already)."""
-    pooling: Literal["cls", "mean"] = "mean"
-    """Pooling written into `final/` for sentence-transformers and `korch eval embed`."""
+    pooling: Literal["cls", "mean", "idf"] = "mean"
+    """Pooling written into `final/` for sentence-transformers and `korch eval embed`; `idf` weighs tokens by their inverse document frequency over the corpus's sentences (expanded tokenizer)."""
 
 
 def count_morphemes(texts: Iterable[str], kiwi) -> collections.Counter:
@@ -105,10 +105,11 @@ def run_vocab_expand_stage(stage, ctx) -> dict:
     from transformers import AutoTokenizer
 
     from korch.data.readers import iter_documents
-    from korch.eval.embed import write_sentence_transformers_files
+    from korch.eval.embed import idf_weights, write_sentence_transformers_files
     from korch.eval.guard import evaluate_and_guard, promoted_final
     from korch.models.encoder import build_encoder
     from korch.tasks.base import TrainTask
+    from korch.tasks.simcse import split_sentences
     from korch.train.runner import resolve_tokenizer
 
     options: VocabExpandOptions = stage.options
@@ -119,10 +120,11 @@ def run_vocab_expand_stage(stage, ctx) -> dict:
     torch.manual_seed(stage.train.seed)
     model = build_encoder(stage.model, len(tokenizer), stage.data.seq_len, tokenizer.pad_token_id, source)
 
-    docs = iter_documents(list(stage.data.inputs), stage.data)
-    if stage.data.max_docs:
-        docs = itertools.islice(docs, stage.data.max_docs)
-    counts = count_morphemes(docs, Kiwi(num_workers=1))
+    def corpus():
+        docs = iter_documents(list(stage.data.inputs), stage.data)
+        return itertools.islice(docs, stage.data.max_docs) if stage.data.max_docs else docs
+
+    counts = count_morphemes(corpus(), Kiwi(num_workers=1))
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = backend["model"]["vocab"]
     pieces = select_new_pieces(counts, vocab, options.max_new_tokens, options.min_count, options.min_chars)
@@ -142,7 +144,16 @@ def run_vocab_expand_stage(stage, ctx) -> dict:
     model.save_pretrained(final, safe_serialization=True)
     expanded.model_max_length = stage.data.seq_len
     expanded.save_pretrained(final)
-    write_sentence_transformers_files(str(final), options.pooling, model.config.hidden_size, stage.data.seq_len)
+    weights = None
+    if options.pooling == "idf":
+        # A second streaming pass (the corpus need not fit in memory); each sentence is one document.
+        sentences = (s for doc in corpus() for s in split_sentences(doc))
+        batches = iter(lambda: list(itertools.islice(sentences, 1024)), [])
+        weights = idf_weights((ids for batch in batches
+                               for ids in expanded(batch, truncation=True, max_length=stage.data.seq_len)["input_ids"]),
+                              len(expanded))
+    write_sentence_transformers_files(str(final), options.pooling, model.config.hidden_size, stage.data.seq_len,
+                                      weights, expanded)
     summary = {"added_pieces": len(pieces), "vocab_size": old_size + len(pieces), "old_vocab_size": old_size,
                "examples": pieces[:20], "morphemes_counted": sum(counts.values())}
     print(f"[korch] {stage.name}: added {len(pieces)} morpheme pieces ({old_size} -> {old_size + len(pieces)}): "
