@@ -246,6 +246,7 @@ def encode(model, tokenizer, texts: Sequence[str], pooling: str, max_length: int
 
     vectors = []
     device = next(model.parameters()).device
+    token_weights = token_weights.to(device) if token_weights is not None else None
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
@@ -253,7 +254,7 @@ def encode(model, tokenizer, texts: Sequence[str], pooling: str, max_length: int
             batch.pop("token_type_ids", None)
             batch = {k: v.to(device) for k, v in batch.items()}
             hidden = model(**batch).last_hidden_state
-            weights = token_weights.to(device)[batch["input_ids"]] if token_weights is not None else None
+            weights = token_weights[batch["input_ids"]] if token_weights is not None else None
             vectors.append(pool(hidden, batch["attention_mask"], pooling, weights).float().cpu())
     return torch.cat(vectors)
 

@@ -157,7 +157,9 @@ def prepare_pairs(stage, tokenizer_dir: str, output_dir: str, options: SimcseOpt
         # Each distinct training sentence is one document, so a sentence repeated across pairs counts once.
         sentences: dict[str, list[int]] = {}
         for row, a, p, n in zip(rows, anchors, positives, negatives):
-            sentences.update({row[0]: a, row[1]: p, **({row[2]: n} if row[2] else {})})
+            sentences[row[0]], sentences[row[1]] = a, p
+            if row[2]:
+                sentences[row[2]] = n
         weights_file = os.path.join(output_dir, "token_weights.json")
         with open(weights_file, "w", encoding="utf-8") as f:
             json.dump([round(w, 6) for w in idf_weights(sentences.values(), len(tokenizer))], f)
@@ -309,9 +311,10 @@ class SimcseTask(TrainTask):
         if self.options.pooling == "idf":
             import torch
 
-            if getattr(self, "_weights", None) is None:
-                self._weights = torch.tensor(self.info["token_weights"], dtype=torch.float32)
-            weights = self._weights.to(ids.device)[ids]
+            # Built once and kept on the model's device: this runs on every forward pass.
+            if getattr(self, "_weights", None) is None or self._weights.device != ids.device:
+                self._weights = torch.tensor(self.info["token_weights"], dtype=torch.float32, device=ids.device)
+            weights = self._weights[ids]
         return pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask, self.options.pooling, weights)
 
     def loss(self, model, batch):
