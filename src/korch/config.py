@@ -119,11 +119,11 @@ class DataConfig(_Strict):
     validation_fraction: float = Field(default=0.02, ge=0.0, lt=1.0)
     """Share held out for evaluation: corpus documents chosen by a hash of the text (so stable); labelled rows by a seeded split stratified by class."""
     preprocess_actors: int | None = Field(default=None, ge=1)
-    """Ray Data actors running Kiwi; each holds one ~260 MB `Kiwi`. Unset: one per free CPU of the cluster (less one for the driver from 4 CPUs up), capped by the work and by free memory."""
+    """Ray Data actors running Kiwi; each holds one ~260 MB `Kiwi`. Unset: one per free CPU of the cluster (less one for the driver from 4 CPUs up), capped by the work and by free memory; and none under 4 free CPUs on one local machine, where the driver runs Kiwi itself. Setting it (or `actor_cpus`) always uses actors."""
     actor_cpus: float | None = Field(default=None, gt=0)
     """Logical CPUs per preprocessing actor. Unset: 0.5 under 4 free CPUs (fractions keep small machines from deadlocking), else 1."""
     kiwi_threads: int | None = Field(default=None, ge=1)
-    """Kiwi analyser threads per preprocessing actor (each actor hands Kiwi whole batches of documents). Unset: see `korch.data.pool`."""
+    """Kiwi analyser threads per preprocessing actor (each actor hands Kiwi whole batches of documents), or in the driver when it preprocesses alone. Unset: see `korch.data.pool`."""
     train_on_validation: bool = False
     """Labelled tasks: train on the training rows plus the validation rows (`validation_inputs`, or what `validation_fraction` holds out) and hold nothing out, as a full-data retrain does."""
     validation_inputs: list[str] = []

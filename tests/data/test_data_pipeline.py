@@ -1,5 +1,6 @@
 """prepare_corpus end to end: counts add up, bad input is counted not fatal, Ray == local, idempotent."""
 
+import collections
 import json
 import os
 
@@ -118,6 +119,60 @@ def test_a_document_kiwi_fails_on_and_a_vanished_file_are_counted(corpus_copy, t
     skips = {r: c for r, c in zip(table.column("skip").to_pylist(), table.column("count").to_pylist()) if r}
     assert skips == {"preprocess_error": 1, "unreadable_chunk": 1}
     assert collections.Counter(table.column("skip").to_pylist())[""] == 1  # the other wiki document survives
+
+
+def test_one_kiwi_stream_gives_the_tables_of_chunk_by_chunk_calls(corpus_copy, tokenizer_dir, make_cfg, tmp_path):
+    import pyarrow as pa
+
+    from korch.data.preprocess import OUTPUT_SCHEMA, DocumentProcessor
+    from korch.data.readers import Chunk, expand_inputs, plan_chunks
+
+    _add_bad_inputs(corpus_copy)
+    for morphemes in (False, True):
+        cfg = make_cfg(inputs=[str(corpus_copy)], seq_len=32, max_line_chars=200, morphemes=morphemes)
+        chunks = plan_chunks(expand_inputs(cfg.inputs, cfg.format), 64, collections.Counter())
+        chunks.append(Chunk(str(tmp_path / "gone.txt"), "txt", 0, 10))  # vanished mid-run: counted in its own table
+        assert len(chunks) > 5
+        processor = DocumentProcessor(cfg, tokenizer_dir, kiwi_threads=2)
+        streamed = [pa.table(cols, schema=OUTPUT_SCHEMA) for cols in processor.stream_columns(chunks)]
+        assert streamed == [processor.process_chunks([chunk]) for chunk in chunks]
+
+
+def test_a_failing_kiwi_stream_falls_back_to_chunks_then_documents(corpus_copy, tokenizer_dir, make_cfg):
+    import pyarrow as pa
+
+    from korch.data.preprocess import OUTPUT_SCHEMA, DocumentProcessor
+    from korch.data.readers import expand_inputs, plan_chunks
+
+    cfg = make_cfg(inputs=[str(corpus_copy)], seq_len=32)
+    chunks = plan_chunks(expand_inputs(cfg.inputs, cfg.format), 64, collections.Counter())
+    processor = DocumentProcessor(cfg, tokenizer_dir)
+    expected = [processor.process_chunks([chunk]) for chunk in chunks]
+    processor.kiwi = _ChokingKiwi(processor.kiwi)
+    streamed = [pa.table(cols, schema=OUTPUT_SCHEMA) for cols in processor.stream_columns(chunks)]
+    skips = collections.Counter()
+    for table in streamed:
+        for reason, count in zip(table.column("skip").to_pylist(), table.column("count").to_pylist()):
+            skips[reason] += count if reason else 0
+    assert dict(+skips) == {"preprocess_error": 1}  # only the 김치 document is lost
+    kept = [row for t in streamed for row in t.to_pylist() if not row["skip"]]
+    assert len(kept) == sum(1 for t in expected for row in t.to_pylist() if not row["skip"]) - 1
+
+
+def test_a_small_machine_prepares_in_the_driver_without_ray(corpus_dir, tokenizer_dir, make_cfg, monkeypatch,
+                                                            tmp_path):
+    from korch.data import pipeline
+
+    def no_ray(cfg):
+        raise AssertionError("the driver-only path must not start or use Ray")
+
+    monkeypatch.setattr(pipeline, "pipeline_kiwi_threads", lambda cfg: 2)
+    monkeypatch.setattr(pipeline, "ensure_ray_for_pool", no_ray)
+    monkeypatch.setattr(pipeline, "_ray_tables", no_ray)
+    cfg = make_cfg(inputs=[str(corpus_dir)], seq_len=24, validation_fraction=0.3)
+    inline = prepare_corpus(cfg, tokenizer_dir, str(tmp_path / "inline"), progress=False)
+    local = prepare_corpus(cfg, tokenizer_dir, str(tmp_path / "local"), progress=False, engine="local")
+    assert inline["shards"] == local["shards"] and check_counts(inline) == []
 
 
 def test_progress_separates_startup_from_steady_rate():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from korch.data.pool import ACTOR_MEMORY_BYTES, pool_shape
+from korch.data.pool import ACTOR_MEMORY_BYTES, inline_kiwi_threads, pool_shape
 
 
 @pytest.mark.parametrize("free_cpus,expected", [
@@ -32,3 +32,20 @@ def test_work_and_memory_cap_the_actor_count():
     assert pool_shape(64.0, chunks=0).actors == 1
     assert pool_shape(64.0, free_memory_bytes=10 * ACTOR_MEMORY_BYTES + 1).actors == 10
     assert pool_shape(64.0, actors=40, chunks=5).actors == 40  # a set count is the user's call
+
+
+@pytest.mark.parametrize("free_cpus,one_local_node,expected", [
+    (1.0, True, 1),       # a 1-core box: the driver's Kiwi, one thread
+    (2.0, True, 2),       # a 2-core laptop or CI: the driver's Kiwi with two threads, no actors to start
+    (3.5, True, 3),
+    (4.0, True, None),    # from 4 free CPUs an actor pool pays for its start-up
+    (2.0, False, None),   # a cluster of several nodes (or elsewhere): actors spread over the nodes
+])
+def test_small_local_machines_preprocess_in_the_driver(free_cpus, one_local_node, expected):
+    assert inline_kiwi_threads(free_cpus, one_local_node) == expected
+
+
+def test_set_pool_values_always_ask_for_actors():
+    assert inline_kiwi_threads(2.0, True, actors=2) is None
+    assert inline_kiwi_threads(2.0, True, actor_cpus=0.5) is None
+    assert inline_kiwi_threads(2.0, True, kiwi_threads=1) == 1  # the thread count alone keeps the driver mode

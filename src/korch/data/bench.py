@@ -5,8 +5,9 @@
 Engines (each in a fresh subprocess, so peak RSS is its own):
 - `single`: korch's steps in one process (`prepare_corpus(engine="local")`): read, clean, Kiwi, WordPiece, pack, write.
 - `linecache`: the old workflow's reader (`linecache.getline(path, i)` for every line) feeding the same steps.
-- `korch`: `prepare_corpus` on Ray Data with a Kiwi actor pool, sized as `korch run` sizes it
-  (`korch.data.pool`; `--actors` sets the count). Ray is started before the clock starts (in `korch run` it
+- `korch`: `prepare_corpus` as `korch run` calls it (`korch.data.pool` decides): under 4 free CPUs on this
+  machine alone, the driver's own Kiwi with a thread per CPU, fed one stream over all chunks; otherwise (or
+  with `--actors`) Ray Data with a Kiwi actor pool. Ray is started before the clock starts (in `korch run` it
   is already up); actor start-up and Kiwi loading are timed. Peak RSS is the largest sum, sampled every
   0.2 s, over the driver and the Ray worker processes.
 - `kiwi_mt`: for reference, read + clean, then one `Kiwi(num_workers=cores).split_into_sents(all paragraphs)`
@@ -82,12 +83,14 @@ def _engine_single(cfg, tokenizer_dir, out_dir, actors) -> int:
 def _engine_korch(cfg, tokenizer_dir, out_dir, actors) -> int:
     from .pipeline import prepare_corpus
 
-    from .pool import cluster_pool_shape
+    from .pool import cluster_pool_shape, pipeline_kiwi_threads
 
-    pool = cluster_pool_shape(cfg)  # what prepare_corpus picks (before capping by the chunk count)
+    # What prepare_corpus picks: Kiwi in the driver on a small machine, else the pool (before chunk capping).
+    threads = pipeline_kiwi_threads(cfg)
+    pool = {"inline_kiwi_threads": threads} if threads is not None else cluster_pool_shape(cfg)._asdict()
     manifest = prepare_corpus(cfg, tokenizer_dir, out_dir, progress=False, engine="ray")
     return {"docs": manifest["docs_in"], "seconds_to_first_docs": manifest["seconds_to_first_docs"],
-            "steady_docs_per_s": manifest["steady_docs_per_s"], "pool": pool._asdict()}
+            "steady_docs_per_s": manifest["steady_docs_per_s"], "pool": pool}
 
 
 def _engine_linecache(cfg, tokenizer_dir, out_dir, actors) -> int:

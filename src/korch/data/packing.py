@@ -12,6 +12,7 @@ the next block. All offsets index into the block's `input_ids`, so the first con
 
 from __future__ import annotations
 
+import bisect
 from typing import Iterator
 
 
@@ -33,8 +34,8 @@ class Packer:
     def add(self, doc_id: int, ids: list[int], sent_starts: list[int], word_starts: list[int]) -> Iterator[dict]:
         """Add one document; yield the blocks it completes."""
         bounds = list(sent_starts) + [len(ids)]
-        words = iter(sorted(word_starts))
-        next_word = next(words, None)
+        words = sorted(word_starts)
+        w = 0  # words[:w] are placed (or fell in skipped empty sentences)
         first = True
         for s, e in zip(bounds, bounds[1:]):
             if e <= s:
@@ -55,11 +56,10 @@ class Packer:
                 if pos == s:
                     self.sent_starts.append(offset)
                 take = min(e - pos, self.capacity - len(self.ids))
-                while next_word is not None and next_word < pos:
-                    next_word = next(words, None)
-                while next_word is not None and next_word < pos + take:
-                    self.word_starts.append(offset + next_word - pos)
-                    next_word = next(words, None)
+                lo = bisect.bisect_left(words, pos, w)
+                w = bisect.bisect_left(words, pos + take, lo)
+                shift = offset - pos
+                self.word_starts.extend([start + shift for start in words[lo:w]])
                 self.ids.extend(ids[pos:pos + take])
                 pos += take
 

@@ -42,7 +42,7 @@ import pyarrow as pa
 from korch.errors import UserError
 
 from .packing import Packer
-from .pool import PoolShape, cluster_pool_shape, local_pool_shape
+from .pool import PoolShape, cluster_pool_shape, local_pool_shape, pipeline_kiwi_threads
 from .readers import Chunk, chunk_to_dict, expand_inputs, filesystem, plan_chunks
 from .shards import ShardWriter
 from .text import DOC_REASONS, FILE_REASONS, LINE_REASONS
@@ -139,9 +139,10 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def consume(tables: Iterable[pa.Table], cfg, cls_id: int, sep_id: int, out_dir: str,
+def consume(tables: Iterable[pa.Table | dict], cfg, cls_id: int, sep_id: int, out_dir: str,
             skipped: collections.Counter, progress: Progress) -> dict:
-    """Dedup, split, pack and write preprocessed document tables (in order). Returns counts for the manifest."""
+    """Dedup, split, pack and write preprocessed document tables, or their columns as dicts (in order).
+    Returns counts for the manifest."""
     writers = {s: ShardWriter(os.path.join(out_dir, s), s) for s in SPLITS}
     packers = {s: Packer(cfg.seq_len, cls_id, sep_id) for s in SPLITS}
     seen: set[int] = set()
@@ -149,7 +150,7 @@ def consume(tables: Iterable[pa.Table], cfg, cls_id: int, sep_id: int, out_dir: 
     doc_reasons = set(DOC_REASONS)
     done = False
     for table in tables:
-        cols = {name: table.column(name).to_pylist() for name in table.column_names}
+        cols = table if isinstance(table, dict) else {name: table.column(name).to_pylist() for name in table.column_names}
         for i, reason in enumerate(cols["skip"]):
             if reason:
                 skipped[reason] += cols["count"][i]
@@ -210,6 +211,14 @@ def _ray_tables(chunks: list[Chunk], cfg, tokenizer_dir: str, pool: PoolShape) -
         ctx.enable_progress_bars = bars
 
 
+def _inline_tables(chunks: list[Chunk], cfg, tokenizer_dir: str, kiwi_threads: int) -> Iterator[dict]:
+    """The driver's own Kiwi, one thread per free CPU, fed one stream over all chunks (small machines, see `pool`)."""
+    from .preprocess import DocumentProcessor
+
+    processor = DocumentProcessor(cfg, tokenizer_dir, kiwi_threads=kiwi_threads)
+    yield from processor.stream_columns(chunks)
+
+
 def _local_tables(chunks: list[Chunk], cfg, tokenizer_dir: str) -> Iterator[pa.Table]:
     from .preprocess import DocumentProcessor
 
@@ -253,14 +262,19 @@ def prepare_corpus(cfg, tokenizer_dir: str, output_dir: str, seed: int = 42, pro
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     ray_started = False
+    inline_threads = pipeline_kiwi_threads(cfg) if engine == "ray" else None
     try:
-        if engine == "ray":
+        if inline_threads is not None:
+            pool = PoolShape(1, float(inline_threads), inline_threads)
+        elif engine == "ray":
             ray_started = ensure_ray_for_pool(cfg)
             pool = cluster_pool_shape(cfg)
         else:
             pool = local_pool_shape(cfg)
         chunks = plan_chunks(files, chunk_bytes_for(total, pool.actors), skipped)
-        if engine == "ray" and chunks:
+        if inline_threads is not None:
+            tables = _inline_tables(chunks, cfg, tokenizer_dir, inline_threads)
+        elif engine == "ray" and chunks:
             tables = _ray_tables(chunks, cfg, tokenizer_dir, pool._replace(actors=min(pool.actors, len(chunks))))
         else:
             tables = _local_tables(chunks, cfg, tokenizer_dir) if chunks else (t for t in ())

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -148,31 +148,49 @@ class DocumentProcessor:
             for sent_text, start, tokens in result_sents:
                 if sent_text.strip():
                     sents.append(sent_text)
-                    morph.append(morpheme_starts(tokens, start))
+                    morph.append(morpheme_starts(tokens, start) if tokens else [])
         return sents, morph
 
     def process(self, docs: Iterable[str], bad: collections.Counter) -> dict[str, list]:
         """Columns of OUTPUT_SCHEMA (without the skip rows) for the documents that survive cleaning."""
-        cfg = self.cfg
-        kept_sents: list[list[str]] = []
-        kept_morph: list[list[list[int]]] = []
-        hashes: list[int] = []
-        texts: list[str] = []
+        texts = self._clean(docs, bad)
+        return self._encode(texts, self.sentences_of(texts), bad)
+
+    def _clean(self, docs: Iterable[str], bad: collections.Counter) -> list[str]:
+        texts = []
         for raw in docs:
-            text, reason = clean_document(raw, cfg.normalize, cfg.min_doc_chars)
+            text, reason = clean_document(raw, self.cfg.normalize, self.cfg.min_doc_chars)
             if reason is not None:
                 bad[reason] += 1
                 continue
             texts.append(text)
-        for text, found in zip(texts, self.sentences_of(texts)):
-            if found is None:
+        return texts
+
+    def _read_clean(self, chunk: Chunk, bad: collections.Counter) -> list[str]:
+        try:
+            docs = list(read_chunk(chunk, self.cfg.max_line_chars, self.cfg.text_fields, bad))
+        except OSError:  # the file vanished or the store failed mid-run: lose this chunk, say so
+            bad["unreadable_chunk"] += 1
+            return []
+        return self._clean(docs, bad)
+
+    def _encode(self, texts: list[str], found: list, bad: collections.Counter) -> dict[str, list]:
+        """WordPiece ids, sentence and word starts of the cleaned `texts`, given their Kiwi sentences (`found`)."""
+        cfg = self.cfg
+        kept_sents: list[list[str]] = []
+        kept_morph: list[list[list[int]]] = []
+        hashes: list[int] = []
+        for text, sentences in zip(texts, found):
+            if sentences is None:
                 bad["preprocess_error"] += 1
                 continue
-            kept_sents.append(found[0])
-            kept_morph.append(found[1])
+            kept_sents.append(sentences[0])
+            kept_morph.append(sentences[1])
             hashes.append(text_hash(text))
         flat = [s for sents in kept_sents for s in sents]
-        encodings = self.backend.encode_batch(flat, add_special_tokens=False) if flat else []
+        # `encode_batch_fast` skips the char offsets, which only morpheme word starts read.
+        encode = self.backend.encode_batch if cfg.morphemes else self.backend.encode_batch_fast
+        encodings = encode(flat, add_special_tokens=False) if flat else []
         out = {"ids": [], "sent_starts": [], "word_starts": [], "hash": [], "is_val": []}
         pos = 0
         for sents, morph, h in zip(kept_sents, kept_morph, hashes):
@@ -181,20 +199,20 @@ class DocumentProcessor:
             word_starts: list[int] = []
             for k in range(len(sents)):
                 enc = encodings[pos + k]
-                if not enc.ids:
+                sent_ids = enc.ids  # a new list on every access
+                if not sent_ids:
                     continue
                 sent_starts.append(len(ids))
                 if cfg.morphemes:
                     starts = set(morph[k])
                     word_starts.extend(len(ids) + i for i, (a, _) in enumerate(enc.offsets) if i == 0 or a in starts)
-                else:
-                    cont = self.continuation[np.asarray(enc.ids)]
-                    word_starts.extend((np.flatnonzero(~cont) + len(ids)).tolist())
-                ids.extend(enc.ids)
+                ids.extend(sent_ids)
             pos += len(sents)
             if not ids:
                 bad["empty"] += 1
                 continue
+            if not cfg.morphemes:  # every token that is no ## continuation, over the whole document at once
+                word_starts = np.flatnonzero(~self.continuation[np.asarray(ids)]).tolist()
             out["ids"].append(ids)
             out["sent_starts"].append(sent_starts)
             out["word_starts"].append(word_starts)
@@ -207,22 +225,73 @@ class DocumentProcessor:
         bad: collections.Counter = collections.Counter()
         cols = {"ids": [], "sent_starts": [], "word_starts": [], "hash": [], "is_val": []}
         for chunk in chunks:
-            try:
-                docs = list(read_chunk(chunk, self.cfg.max_line_chars, self.cfg.text_fields, bad))
-            except OSError:  # the file vanished or the store failed mid-run: lose this chunk, say so
-                bad["unreadable_chunk"] += 1
-                continue
-            part = self.process(docs, bad)
+            texts = self._read_clean(chunk, bad)
+            part = self._encode(texts, self.sentences_of(texts), bad)
             for key in cols:
                 cols[key].extend(part[key])
         return build_table(cols, bad)
 
+    def stream_columns(self, chunks: Iterable[Chunk]) -> Iterator[dict[str, list]]:
+        """`process_chunks([chunk])` for each chunk in turn, as columns (`build_columns`: the driver packs them
+        in this process, so no Arrow table is built to be taken apart again), but Kiwi sees one continuous
+        stream of paragraphs.
 
-def build_table(cols: dict[str, list], bad: collections.Counter) -> pa.Table:
+        With several analyser threads, one call per chunk leaves them idle while this thread does WordPiece and
+        packing, and at each chunk's tail. One call over the whole stream keeps them busy: Kiwi reads ~16
+        paragraphs per thread ahead, so memory stays one chunk deep, and results come back in input order, so
+        the columns are those of the tables `process_chunks` gives. If Kiwi fails in the stream, the chunks it had read and
+        all later ones are redone chunk by chunk, where a failing batch is redone one document at a time.
+        """
+        chunks = iter(chunks)
+        if self.kiwi is None:
+            for chunk in chunks:
+                bad: collections.Counter = collections.Counter()
+                texts = self._read_clean(chunk, bad)
+                yield build_columns(self._encode(texts, self.sentences_of(texts), bad), bad)
+            return
+        read: collections.deque = collections.deque()  # (skip counts, cleaned texts) of chunks Kiwi has taken
+
+        def paragraphs():
+            for chunk in chunks:
+                bad: collections.Counter = collections.Counter()
+                texts = self._read_clean(chunk, bad)
+                read.append((bad, texts))  # before its first paragraph, so a result's chunk is always known
+                for text in texts:
+                    yield from text.split("\n")
+
+        ahead: collections.deque = collections.deque()
+        try:
+            results = iter(self.kiwi.split_into_sents(paragraphs(), return_tokens=self.cfg.morphemes))
+            while True:
+                if not read:  # Kiwi has not reached the next chunk yet: one result pulls it in, or the end
+                    try:
+                        ahead.append(next(results))
+                    except StopIteration:
+                        if not read:
+                            return
+                bad, texts = read[0]
+                found = []
+                for text in texts:
+                    paras = text.split("\n")
+                    found.append(self._collect(paras, [ahead.popleft() if ahead else next(results) for _ in paras]))
+                read.popleft()
+                yield build_columns(self._encode(texts, found, bad), bad)
+        except Exception:  # noqa: BLE001 - Kiwi choked on some document: find it one chunk (then document) at a time
+            while read:
+                bad, texts = read.popleft()
+                yield build_columns(self._encode(texts, self.sentences_of(texts), bad), bad)
+            for chunk in chunks:
+                bad = collections.Counter()
+                texts = self._read_clean(chunk, bad)
+                yield build_columns(self._encode(texts, self.sentences_of(texts), bad), bad)
+
+
+def build_columns(cols: dict[str, list], bad: collections.Counter) -> dict[str, list]:
+    """The columns of OUTPUT_SCHEMA: the kept documents' rows, then one row per skip reason with its count."""
     n = len(cols["ids"])
     reasons = sorted(r for r, c in bad.items() if c)
     empty: list[list[int]] = [[] for _ in reasons]
-    return pa.table({
+    return {
         "ids": cols["ids"] + empty,
         "sent_starts": cols["sent_starts"] + empty,
         "word_starts": cols["word_starts"] + empty,
@@ -230,7 +299,11 @@ def build_table(cols: dict[str, list], bad: collections.Counter) -> pa.Table:
         "is_val": cols["is_val"] + [False] * len(reasons),
         "skip": [""] * n + reasons,
         "count": [1] * n + [bad[r] for r in reasons],
-    }, schema=OUTPUT_SCHEMA)
+    }
+
+
+def build_table(cols: dict[str, list], bad: collections.Counter) -> pa.Table:
+    return pa.table(build_columns(cols, bad), schema=OUTPUT_SCHEMA)
 
 
 class KoreanPreprocessor:

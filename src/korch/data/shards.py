@@ -60,7 +60,8 @@ class ShardWriter:
             name = f"part-{len(self.shards):05d}.parquet"
             self.writer = pq.ParquetWriter(os.path.join(self.directory, name), self.schema, compression="zstd")
             self.current_name, self.current_rows, self.current_groups = name, 0, []
-        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
+        # Column by column: the same table as `from_pylist(self.buffer)`, without its per-row dict walk.
+        table = pa.table({name: [row.get(name) for row in self.buffer] for name in self.schema.names}, schema=self.schema)
         self.writer.write_table(table, row_group_size=len(self.buffer))
         self.current_rows += len(self.buffer)
         self.current_groups.append(len(self.buffer))
