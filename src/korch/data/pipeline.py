@@ -235,7 +235,9 @@ def prepare_corpus(cfg, tokenizer_dir: str, output_dir: str, seed: int = 42, pro
     files with size and mtime, tokenizer.json hash) it is returned as is. `seed` does not change the output
     (order is input order and the split is by text hash); it is accepted so callers can pass the stage seed.
     `engine="local"` runs the same steps in this process without Ray (benchmark reference, small tests).
-    Starts a local Ray (2-4 CPUs) if none is running, and shuts it down again.
+    With `engine="ray"`: under 4 free CPUs on one local machine (and no pool settings) the driver runs Kiwi
+    itself and Ray is not needed (`korch.data.pool`); otherwise starts a local Ray (2-4 CPUs) if none is
+    running, and shuts it down again.
     """
     from .preprocess import special_ids
 
