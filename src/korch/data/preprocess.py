@@ -239,27 +239,30 @@ class DocumentProcessor:
         With several analyser threads, one call per chunk leaves them idle while this thread does WordPiece and
         packing, and at each chunk's tail. One call over the whole stream keeps them busy: Kiwi reads ~16
         paragraphs per thread ahead, so memory stays one chunk deep, and results come back in input order, so
-        the columns are those of the tables `process_chunks` gives. If Kiwi fails in the stream, the chunks it had read and
-        all later ones are redone chunk by chunk, where a failing batch is redone one document at a time.
+        the columns are those of the tables `process_chunks` gives. If Kiwi fails in the stream, the chunks it
+        had read and all later ones are redone chunk by chunk, where a failing batch is redone one document at a
+        time.
         """
         chunks = iter(chunks)
         if self.kiwi is None:
-            for chunk in chunks:
-                bad: collections.Counter = collections.Counter()
-                texts = self._read_clean(chunk, bad)
-                yield build_columns(self._encode(texts, self.sentences_of(texts), bad), bad)
+            yield from map(self._chunk_columns, chunks)
             return
-        read: collections.deque = collections.deque()  # (skip counts, cleaned texts) of chunks Kiwi has taken
+        read: collections.deque = collections.deque()  # (skip counts, texts, paragraphs) of chunks Kiwi has taken
 
         def paragraphs():
             for chunk in chunks:
                 bad: collections.Counter = collections.Counter()
                 texts = self._read_clean(chunk, bad)
-                read.append((bad, texts))  # before its first paragraph, so a result's chunk is always known
-                for text in texts:
-                    yield from text.split("\n")
+                paras = [text.split("\n") for text in texts]
+                read.append((bad, texts, paras))  # before its first paragraph, so a result's chunk is always known
+                for doc in paras:
+                    yield from doc
 
-        ahead: collections.deque = collections.deque()
+        ahead: collections.deque = collections.deque()  # a result pulled only to bring in the next chunk
+
+        def take(n: int) -> list:
+            return [ahead.popleft() if ahead else next(results) for _ in range(n)]
+
         try:
             results = iter(self.kiwi.split_into_sents(paragraphs(), return_tokens=self.cfg.morphemes))
             while True:
@@ -269,21 +272,20 @@ class DocumentProcessor:
                     except StopIteration:
                         if not read:
                             return
-                bad, texts = read[0]
-                found = []
-                for text in texts:
-                    paras = text.split("\n")
-                    found.append(self._collect(paras, [ahead.popleft() if ahead else next(results) for _ in paras]))
+                bad, texts, paras = read[0]
+                found = [self._collect(doc, take(len(doc))) for doc in paras]
                 read.popleft()
                 yield build_columns(self._encode(texts, found, bad), bad)
         except Exception:  # noqa: BLE001 - Kiwi choked on some document: find it one chunk (then document) at a time
             while read:
-                bad, texts = read.popleft()
+                bad, texts, _ = read.popleft()
                 yield build_columns(self._encode(texts, self.sentences_of(texts), bad), bad)
-            for chunk in chunks:
-                bad = collections.Counter()
-                texts = self._read_clean(chunk, bad)
-                yield build_columns(self._encode(texts, self.sentences_of(texts), bad), bad)
+            yield from map(self._chunk_columns, chunks)
+
+    def _chunk_columns(self, chunk: Chunk) -> dict[str, list]:
+        bad: collections.Counter = collections.Counter()
+        texts = self._read_clean(chunk, bad)
+        return build_columns(self._encode(texts, self.sentences_of(texts), bad), bad)
 
 
 def build_columns(cols: dict[str, list], bad: collections.Counter) -> dict[str, list]:
