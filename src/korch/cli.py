@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_commands.register(sub)
     bench = sub.add_parser("bench", help="benchmarks that print one JSON line").add_subparsers(dest="bench", required=True, metavar="BENCH")
     train_commands.register_bench(bench)
+    from korch.models import bench as model_bench
+
+    model_bench.register(bench)
     for module in ("korch.data.commands", "korch.cluster.commands", "korch.predict", "korch.report",
                    "korch.tune.commands", "korch.eval.commands"):
         _register_optional(module, sub, bench)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_plain_ray_job_submit_works_the_same(ray_head, tmp_path):
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_head.address,
            "--working-dir", ".", "--", "korch", "run", "jobs/quickstart.yaml", "--address", "auto",
            "--runs-dir", str(runs), "--set", f"stages.mlm.data.inputs={data}", *SHORT]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    result = run_bounded(cmd, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
     _assert_outputs(runs)
@@ -99,14 +100,28 @@ def test_plain_ray_job_submit_without_token_is_refused(ray_head, tmp_path):
     env = {k: v for k, v in ray_head.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     env["HOME"] = str(tmp_path)  # no default token file either
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "list", "--address", ray_head.address]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    result = run_bounded(cmd, env=env, timeout=120)
     assert result.returncode != 0
     assert "Authentication" in result.stdout + result.stderr
 
 
+def run_bounded(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in its own process group, all of which is killed at the timeout. (A plain run's timeout
+    kills only the child, then waits on pipes its children still hold open: a stuck job hung a CI run.)"""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:4])} ... still running after {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _run_in_driver(head, code: str) -> str:
     """Run Python as a driver connected to the head (a subprocess, so this test process stays Ray-free)."""
-    result = subprocess.run([sys.executable, "-c", code], env=head.env, capture_output=True, text=True, timeout=180)
+    result = run_bounded([sys.executable, "-c", code], env=head.env, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()[-1]
 
@@ -263,8 +278,8 @@ def test_six_worker_gpu_stage_lands_on_the_6_gpu_node(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     corpus = REPO / "tests" / "fixtures" / "data" / "corpus"
-    result = subprocess.run([sys.executable, str(script), str(corpus), str(tmp_path / "runs")], env=env,
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    result = run_bounded([sys.executable, str(script), str(corpus), str(tmp_path / "runs")], env=env, timeout=900,
+                         cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     # The script's report is its last JSON line (korch's own progress lines come before it).
     reports = [line for line in result.stdout.splitlines() if line.startswith("{")]
