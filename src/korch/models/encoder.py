@@ -11,14 +11,14 @@ from typing import Any
 from korch.config import ModelConfig
 
 
-def _no_pooler(config: Any) -> dict:
+def no_pooler(config: Any) -> dict:
     return {"add_pooling_layer": False} if getattr(config, "model_type", "") == "bert" else {}
 
 
 def encoder_from_config(config: Any):
     from transformers import AutoModel
 
-    return AutoModel.from_config(config, **_no_pooler(config))
+    return AutoModel.from_config(config, **no_pooler(config))
 
 
 def build_encoder(model: ModelConfig, vocab_size: int, seq_len: int, pad_token_id: int = 0,
@@ -32,5 +32,5 @@ def build_encoder(model: ModelConfig, vocab_size: int, seq_len: int, pad_token_i
     source = start_from or model.pretrained
     if source:
         config = AutoConfig.from_pretrained(source)
-        return AutoModel.from_pretrained(source, use_safetensors=True, **_no_pooler(config))
+        return AutoModel.from_pretrained(source, use_safetensors=True, **no_pooler(config))
     return encoder_from_config(build_model_config(model, vocab_size, seq_len, pad_token_id))
