@@ -99,6 +99,7 @@ def test_export_loads_in_sentence_transformers_with_korchs_embeddings(tokenizer,
     torch.testing.assert_close(_hidden(plain, tokenizer), adapted, rtol=1e-4, atol=1e-5)
     model, tok, folder_pooling, max_length = load_encoder(str(folder))
     assert folder_pooling == pooling and max_length == 32
+    assert model.pooler is None  # the export has none; a freshly built one would be random and reported missing
     weights = load_token_weights(str(folder))
     assert (weights is None) == (pooling != "idf")
     ours = encode(model, tok, TEXTS, folder_pooling, max_length, token_weights=weights)

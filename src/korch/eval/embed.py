@@ -227,17 +227,14 @@ def write_sentence_transformers_files(folder: str, pooling: str, hidden_size: in
 def load_encoder(folder: str):
     """(model, tokenizer, pooling, max_length) of an exported stage folder; safetensors only. An `idf` folder's
     weights come from `load_token_weights`."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from korch.models.encoder import no_pooler
+    from korch.models.encoder import load_encoder_folder
 
     if not (Path(folder) / "config.json").exists():
         raise UserError(f"--model {folder}: no config.json there; give a stage's final/ folder, "
                         "e.g. runs/<job>/<stage>/final")
-    # An exported encoder has no pooler (embedding stages pool themselves): don't build one, only to report it
-    # missing on every load.
-    config = AutoConfig.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder, use_safetensors=True, **no_pooler(config)).eval()
+    model = load_encoder_folder(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     st_config = Path(folder) / "sentence_bert_config.json"
     max_length = json.loads(st_config.read_text())["max_seq_length"] if st_config.exists() else 128
