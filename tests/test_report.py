@@ -69,3 +69,6 @@ def test_cli_writes_the_report_and_a_bad_path_is_one_line(tmp_path, capsys):
     assert (job / "report" / "index.html").is_file()
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no such runs folder" in capsys.readouterr().err
+    assert main(["report", str(job / "mlm")]) == 2  # a stage's folder, not its job's: say which to give
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"korch: error: {job / 'mlm'} is one stage's folder; give its job's folder: korch report {job}"]

@@ -116,6 +116,10 @@ def write_report(job_dir: Path, output: Path | None = None) -> Path:
         raise UserError(f"{job_dir}: no such runs folder; give RUNS/<job>, e.g. runs/quickstart")
     stages = stage_dirs(job_dir)
     if not stages:
+        from korch.train.plan import stage_folder_hint
+
+        if hint := stage_folder_hint(job_dir, "report"):
+            raise UserError(hint)
         raise UserError(f"{job_dir}: holds no stage with metrics.jsonl or events.jsonl; run the job first")
     output = Path(output) if output else job_dir / "report"
     output.mkdir(parents=True, exist_ok=True)

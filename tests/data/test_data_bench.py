@@ -47,3 +47,12 @@ def test_rss_counts_workers_not_cluster_daemons():
     assert not check(["/x/ray/core/src/ray/raylet/raylet", "--python_worker_command=python default_worker.py"])
     assert not check(["ray::DashboardAgent"]) and not check(["/x/gcs/gcs_server", "--port=1"])
     assert not check(["/venv/bin/python3", "/venv/ray/dashboard/dashboard.py", "--port=8265"])
+
+
+def test_bench_bad_corpus_is_one_line_before_any_engine(tmp_path, capsys):
+    from korch.cli import main
+
+    assert main(["bench", "data", "--corpus", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("korch: error: --corpus: data input") and "does not exist" in err[0]
+    assert not (tmp_path / "w").exists()

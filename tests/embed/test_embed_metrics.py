@@ -90,6 +90,12 @@ def test_stage_table_lists_every_scored_stage_with_its_verdict():
 def test_eval_embed_bad_paths_are_one_line_and_exit_2(tmp_path, capsys):
     from korch.cli import main
 
+    # The pairs file is read first: a typo in it fails at once, before seconds of loading the model.
     assert main(["eval", "embed", "--model", str(tmp_path), "--pairs", str(tmp_path / "x.tsv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pairs" in err[0] and "cannot read it" in err[0]
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\n가\t나\t4.5\n")
+    assert main(["eval", "embed", "--model", str(tmp_path), "--pairs", str(pairs)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no config.json there" in err[0]

@@ -45,6 +45,17 @@ def test_from_checkpoint_must_exist(tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and "--from-checkpoint" in err[0] and "no such folder" in err[0]
 
 
+@pytest.mark.parametrize("flags", [["--stage", "nope"], ["--stage", "mlm", "--stage", "nope"], ["--from-stage", "nope"],
+                                   ["--stage", "nope", "--dry-run"]])
+def test_an_unknown_stage_name_is_exit_2_before_anything_runs(tmp_path, capsys, monkeypatch, flags):
+    # An unknown --stage used to run no stage at all and exit 0.
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    assert main(["run", "jobs/quickstart.yaml", "--runs-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope: the job has no such stage; its stages are mlm" in err[0]
+    assert not any(tmp_path.iterdir())
+
+
 def test_from_checkpoint_kinds(tmp_path):
     from korch.train.checkpoint import write_checkpoint
 

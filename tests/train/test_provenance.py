@@ -142,6 +142,11 @@ def test_korch_status_cli_prints_the_table(stand_in, tmp_path, capsys):
     assert "first   done" in out and "second  done" in out
     assert main(["status", str(tmp_path)]) == 2  # no job.yaml: one line, exit 2
     assert "not a korch job folder" in capsys.readouterr().err
+    # A stage's folder holds a job.yaml of its own (its one stage), which would read as "not run".
+    assert main(["status", str(tmp_path / "two" / "first")]) == 2
+    assert "is one stage's folder; give its job's folder: korch status" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "nope" / "x")]) == 2  # a path, not a submitted job's ID
+    assert "no such runs folder" in capsys.readouterr().err
 
 
 def test_an_unfinished_stage_whose_lr_changed_starts_over_and_says_so(stand_in, tmp_path, capsys):

@@ -31,3 +31,13 @@ def test_tokenizer_train_missing_input_is_exit_2(tmp_path, capsys):
     assert main(["tokenizer", "train", str(tmp_path / "missing"), "--output", str(tmp_path / "tok")]) == 2
     err = capsys.readouterr().err
     assert "missing' does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_tokenizer_train_bad_numbers_name_their_flags(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("한국어 문장입니다.\n")
+    code = main(["tokenizer", "train", str(corpus), "--output", str(tmp_path / "tok"), "--vocab-size", "-5",
+                 "--min-frequency", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--vocab-size: Input should be greater than or equal to 100" in err[0] and "--min-frequency:" in err[0]

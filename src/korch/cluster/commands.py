@@ -158,6 +158,9 @@ def cmd_status(args) -> int:
         from korch.train.commands import runs_status
 
         return runs_status(args.job_id)
+    if os.sep in args.job_id:  # a path, not a job ID (Ray's submission IDs have no slash: they go in URLs)
+        raise UserError(f"{args.job_id}: no such runs folder; give RUNS/<job> (e.g. runs/quickstart), or a "
+                        "submitted job's ID with --address")
 
     info = submit.status(_resolve_address(args.address), args.job_id)
     state = str(getattr(info.status, "value", info.status))

@@ -139,9 +139,18 @@ def register(sub) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from korch.config import DataConfig
+
     from .bench import run_bench
 
-    result = run_bench(args.corpus or DEFAULT_BENCH_CORPUS, scale=args.scale, max_docs=args.docs,
+    corpus = args.corpus or DEFAULT_BENCH_CORPUS
+    try:  # before any engine starts, so a bad path is one line, not a child's traceback
+        DataConfig(inputs=corpus)
+    except ValidationError as exc:
+        raise UserError("--corpus: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    result = run_bench(corpus, scale=args.scale, max_docs=args.docs,
                        actors=args.actors, skip_10x=args.skip_10x, workdir=args.workdir,
                        repeat=args.repeat)
     print(json.dumps(result))

@@ -269,9 +269,9 @@ def cosine_rows(a: "torch.Tensor", b: "torch.Tensor") -> list[float]:
 
 def evaluate_folder(folder: str, pairs_path: str, sim_min: float = 4.0, diff_max: float = 1.0,
                     limit: int | None = None) -> dict:
+    pairs = read_pairs(pairs_path, limit)  # a bad pairs file fails before seconds of model loading
     model, tokenizer, pooling, max_length = load_encoder(folder)
     weights = load_token_weights(folder)
-    pairs = read_pairs(pairs_path, limit)
     first = encode(model, tokenizer, pairs.first, pooling, max_length, token_weights=weights)
     second = encode(model, tokenizer, pairs.second, pooling, max_length, token_weights=weights)
     metrics = pair_metrics(cosine_rows(first, second), pairs.scores, pairs.labels, sim_min, diff_max)

@@ -18,9 +18,24 @@ def _no_pooler(config: Any) -> dict:
 def load_encoder_folder(source: str):
     """The bare encoder of a model folder (safetensors only), without a pooler: an exported embedding stage has
     none, and building one would only report its weights missing on every load."""
+    import logging
+
     from transformers import AutoConfig, AutoModel
 
-    return AutoModel.from_pretrained(source, use_safetensors=True, **_no_pooler(AutoConfig.from_pretrained(source)))
+    # A masked LM's folder holds its head too: the encoder drops it on purpose, so transformers' load report
+    # listing only those UNEXPECTED keys is noise. A report with MISSING or MISMATCHED weights still shows.
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(_only_unexpected_keys)
+    try:
+        return AutoModel.from_pretrained(source, use_safetensors=True, **_no_pooler(AutoConfig.from_pretrained(source)))
+    finally:
+        report_logger.removeFilter(_only_unexpected_keys)
+
+
+def _only_unexpected_keys(record) -> bool:
+    """False (drop) for a load report whose only findings are unexpected keys."""
+    message = record.getMessage()
+    return "LOAD REPORT" not in message or "MISSING" in message or "MISMATCH" in message
 
 
 def encoder_from_config(config: Any):

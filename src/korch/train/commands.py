@@ -9,9 +9,10 @@ import json
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from korch.config import load_job
-    from korch.train.job import run_job
+    from korch.train.job import check_stage_names, run_job
 
     job = load_job(args.job, args.set)
+    check_stage_names(job, args.stage, args.from_stage)
     if args.verbose:
         import os
 
@@ -40,15 +41,22 @@ def runs_status(target: str) -> int:
 
     from korch.config import load_job
     from korch.errors import UserError
-    from korch.train.plan import format_status, job_status
+    from korch.train.plan import format_status, job_status, stage_folder_hint
 
     job_dir = Path(target)
+    if hint := stage_folder_hint(job_dir, "status"):  # a stage's own job.yaml would list it as "not run"
+        raise UserError(hint)
     if not (job_dir / "job.yaml").is_file():
         raise UserError(f"{target}: not a korch job folder (no job.yaml); give RUNS/<job>, e.g. runs/quickstart")
     job = load_job(str(job_dir / "job.yaml"), [])
     print(f"{job.name} ({job_dir})")
     print(format_status(job_status(job, job_dir)))
     return 0
+
+
+def _flag(loc: tuple) -> str:
+    field = str(loc[0]) if loc else ""
+    return "INPUT" if field == "inputs" else "--" + field.replace("_", "-")
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -62,7 +70,9 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         settings = TokenizerConfig(vocab_size=args.vocab_size, pre_tokenize=args.pre_tokenize,
                                    min_frequency=args.min_frequency, max_docs=args.max_docs)
     except ValidationError as exc:
-        raise UserError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+        # Name the flag (or INPUT) each message is about: pydantic's own loc is the config field.
+        raise UserError("; ".join(f"{_flag(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                                  for e in exc.errors())) from None
     from korch.data.readers import iter_documents
     from korch.data.tokenizer import train_wordpiece
 

@@ -99,15 +99,21 @@ def _check_resources(stage: StageConfig, korch_started_ray: bool) -> None:
         raise UserError(f"stage {stage.name}: {problem}")
 
 
+def check_stage_names(job: JobConfig, only: list[str] | None = None, from_stage: str | None = None) -> None:
+    """`--stage` and `--from-stage` must name stages of the job: an unknown `--stage` would run nothing, exit 0."""
+    names = [s.name for s in job.stages]
+    for flag, name in [("--from-stage", from_stage), *(("--stage", n) for n in only or ())]:
+        if name and name not in names:
+            raise UserError(f"{flag} {name}: the job has no such stage; its stages are {', '.join(names)}")
+
+
 def run_job(job: JobConfig, runs_dir: str, address: str | None = None, fresh: bool = False,
             from_checkpoint: str | None = None, only: list[str] | None = None, from_stage: str | None = None) -> dict:
     from korch.train.runner import StageContext, apply_from_checkpoint
 
     if from_checkpoint:  # check before any Ray start-up or folder is touched
         apply_from_checkpoint(StageContext(stage_dir=Path(runs_dir)), from_checkpoint)
-    if from_stage and from_stage not in {s.name for s in job.stages}:
-        raise UserError(f"--from-stage {from_stage}: the job has no such stage; its stages are "
-                        f"{', '.join(s.name for s in job.stages)}")
+    check_stage_names(job, only, from_stage)
 
     job_dir = Path(runs_dir).resolve() / job.name
     plan = {} if (fresh or from_checkpoint) else plan_job(job, job_dir, from_stage)

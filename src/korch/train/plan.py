@@ -52,6 +52,14 @@ def stage_started(stage_dir: Path) -> bool:
     return (stage_dir / "ray").is_dir() or (stage_dir / PROVENANCE).is_file()
 
 
+def stage_folder_hint(folder: Path, command: str) -> str | None:
+    """The one-line fix when `folder` is one stage's folder (RUNS/<job>/<stage>) where a command wants the job's."""
+    folder = Path(folder)
+    if (folder / "events.jsonl").is_file() or (folder / PROVENANCE).is_file():
+        return f"{folder} is one stage's folder; give its job's folder: korch {command} {folder.parent}"
+    return None
+
+
 def plan_job(job: JobConfig, job_dir: Path, from_stage: str | None = None) -> dict[str, Decision]:
     plan: dict[str, Decision] = {}
     rerun: set[str] = set()
