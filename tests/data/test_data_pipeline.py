@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from korch.data.pipeline import check_counts, is_prepared, load_manifest, prepare_corpus
+from korch.data.pipeline import check_counts, check_shards, is_prepared, load_manifest, prepare_corpus
 from korch.data.shards import BLOCK_SCHEMA
 from korch.errors import UserError
 
@@ -201,3 +201,23 @@ def test_batched_kiwi_calls_give_the_per_document_output(corpus_dir, tokenizer_d
     batched = DocumentProcessor(cfg, tokenizer_dir, batch=True).process_chunks(chunks)
     per_document = DocumentProcessor(cfg, tokenizer_dir, batch=False).process_chunks(chunks)
     assert batched.num_rows > 5 and batched.equals(per_document)
+
+
+def test_a_missing_truncated_or_short_shard_is_one_line_before_training(corpus_dir, tokenizer_dir, make_cfg, tmp_path):
+    # A deleted shard used to fail every training worker, be retried as worker failures, then advise a resume.
+    out = tmp_path / "out"
+    manifest = prepare_corpus(make_cfg(inputs=[str(corpus_dir)], seq_len=32, split_sentences=False), tokenizer_dir,
+                              str(out), progress=False, engine="local")
+    check_shards(manifest, str(out))  # as written: fine
+    shard = out / manifest["shards"][0]["path"]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match=r"not a readable parquet shard .*; prepare .* again"):
+        check_shards(manifest, str(out))
+    shard.unlink()
+    with pytest.raises(UserError, match=r"a shard that .*manifest.json lists is missing"):
+        check_shards(manifest, str(out))
+    shard.write_bytes(whole)
+    short = {**manifest, "shards": [{**manifest["shards"][0], "rows": manifest["shards"][0]["rows"] + 1}]}
+    with pytest.raises(UserError, match=r"holds \d+ rows where manifest.json says"):
+        check_shards(short, str(out))

@@ -106,6 +106,29 @@ def load_manifest(path: str) -> dict:
         raise UserError(f"cannot read {manifest}: {exc}; delete the folder and prepare again") from None
 
 
+def check_shards(manifest: dict, prepared_dir: str) -> None:
+    """Every shard the manifest lists is there and holds its rows. Without this, a deleted or truncated shard
+    fails every training worker, is retried as worker failures, and ends with advice to resume. Local folders
+    only: one parquet footer read per shard; a remote store is read as it is."""
+    prepared_dir = str(prepared_dir)
+    if "://" in prepared_dir:
+        return
+    import pyarrow.parquet as pq
+
+    fix = (f"prepare {prepared_dir} again (`korch data prepare`, or delete the folder and rerun the stage that "
+           "made it)")
+    for shard in manifest.get("shards", []):
+        path = os.path.join(prepared_dir, shard["path"])
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: a shard that {prepared_dir}/manifest.json lists is missing; {fix}")
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a truncated or foreign file
+            raise UserError(f"{path}: not a readable parquet shard ({str(exc).splitlines()[0][:120]}); {fix}") from None
+        if rows != shard["rows"]:
+            raise UserError(f"{path}: holds {rows} rows where manifest.json says {shard['rows']}; {fix}")
+
+
 class Progress:
     """A rows/s line on stderr every few seconds while the pipeline runs; also times start-up vs steady state."""
 

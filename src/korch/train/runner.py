@@ -59,7 +59,7 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from korch.data.pipeline import load_manifest, rows_per_worker
+    from korch.data.pipeline import check_shards, load_manifest, rows_per_worker
     from korch.tasks import TASKS
     from korch.train.deepspeed_config import build_deepspeed_config
     from korch.train.loop import FAIL_ENV, TrainLoopConfig, plan_steps, train_loop_per_worker
@@ -73,6 +73,7 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
     tokenizer_dir = ctx.tokenizer_dir or resolve_tokenizer(stage, ctx, task_cls)
     prepared = task_cls.prepare_data(stage, ctx, tokenizer_dir)
     manifest = load_manifest(prepared)
+    check_shards(manifest, prepared)  # in the driver: a missing shard is one line, not retried worker failures
     seq_len = int(manifest.get("seq_len", stage.data.seq_len))
     rows = rows_per_worker(manifest, "train", dist.num_workers)
     has_validation = manifest.get("splits", {}).get("validation", {}).get("rows", 0) >= dist.num_workers
