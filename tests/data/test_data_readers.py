@@ -177,3 +177,48 @@ def test_headed_tsv_and_line_per_document_txt_are_sniffed(tmp_path):
     assert [d for c in chunks for d in read_chunk(c, 10_000, cfg.text_fields, bad)] == docs and not bad
     cfg = DataConfig(inputs=[str(comments)], min_doc_chars=0)
     assert len(list(iter_documents(cfg.inputs, cfg))) == 40
+
+
+# Korean text from Windows tools is often CP949: read as UTF-8 it used to vanish line by line (an empty corpus,
+# exit 0), fail with a UnicodeDecodeError traceback (`korch eval embed`), or give no predictions (`korch predict`).
+CP949_LINES = [f"{i}번째 리뷰입니다. 배우들의 연기가 좋았다." for i in range(30)]
+
+
+def _cp949(path, header: str | None = None):
+    lines = ([header] if header else []) + CP949_LINES
+    path.write_bytes("\n".join(lines).encode("cp949") + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("name", ["reviews.txt", "reviews.jsonl", "wiki_00"])
+def test_a_cp949_corpus_file_is_one_line_naming_it_and_the_fix(tmp_path, name):
+    path = tmp_path / "corpus" / name
+    path.parent.mkdir()
+    _cp949(path)
+    for given in (path, path.parent, tmp_path / "corpus" / "*"):  # named, in a folder, by a glob
+        with pytest.raises(UserError) as caught:
+            expand_inputs([str(given)])
+        message = str(caught.value)
+        assert message.startswith(f"{path}: not UTF-8 text (30 of its first 30 lines do not decode)"), message
+        assert "reads as CP949 (EUC-KR)" in message and f"iconv -f cp949 -t utf-8 {path} >" in message
+
+
+def test_a_few_undecodable_lines_still_only_cost_themselves(tmp_path):
+    path = tmp_path / "mixed.txt"
+    good = "\n".join(CP949_LINES[:3]).encode()
+    path.write_bytes(good + b"\n" + "한 줄만 CP949".encode("cp949") + b"\n" + good + b"\n")
+    assert [f.path for f in expand_inputs([str(path)])] == [str(path)]
+
+
+def test_labelled_records_and_pairs_check_the_encoding_too(tmp_path):
+    from korch.data.records import read_records
+    from korch.eval.embed import read_pairs
+
+    table = _cp949(tmp_path / "train.tsv", "id\tdocument\tlabel")
+    with pytest.raises(UserError, match=r"train.tsv: not UTF-8 text .* reads as CP949"):
+        read_records(str(table))
+    pairs = tmp_path / "sts.tsv"
+    pairs.write_bytes(("sentence1\tsentence2\tscore\n" + "\n".join(f"{s}\t{s}\t4.0" for s in CP949_LINES))
+                      .encode("cp949"))
+    with pytest.raises(UserError, match=r"sts.tsv: not UTF-8 text .* reads as CP949"):
+        read_pairs(str(pairs))

@@ -51,6 +51,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from .tokenizer import train_wordpiece
 
     cfg = build_data_config(args.inputs, args.config, {"seq_len": args.seq_len, "format": args.format})
+    from .readers import expand_inputs
+
+    expand_inputs(cfg.inputs, cfg.format)  # a file that is not UTF-8 fails here, before a tokenizer is trained
     output = os.path.abspath(args.output)
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:

@@ -119,6 +119,48 @@ def _tsv_header(head: bytes) -> list[str] | None:
     return fields if any(f.strip() in HEADER_TEXT_FIELDS for f in fields) else None
 
 
+_ENCODING_SAMPLE = 1 << 16
+
+
+def check_utf8(path: str, head: bytes, whole: bool = False) -> None:
+    """Raise one line naming `path` when its first bytes are mostly not UTF-8.
+
+    Korean text from Windows tools is often CP949 (EUC-KR). Read as UTF-8, nearly every line of it is
+    undecodable, so it would be skipped line by line into an empty corpus that still exits 0. A few broken
+    lines pass this check; they are counted and skipped as before. `head` is the file's first bytes, or all of
+    it with `whole`; a line cut off at the sample's end is left out.
+    """
+    lines = head.split(b"\n")
+    if not whole and len(head) >= _ENCODING_SAMPLE:
+        lines = lines[:-1]
+    lines = [line for line in lines if line.strip()]
+    bad = 0
+    for line in lines:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad += 1
+    if not lines or bad * 2 <= len(lines):
+        return
+    try:
+        b"\n".join(lines).decode("cp949")
+        guess = "; it reads as CP949 (EUC-KR), the usual Korean Windows encoding"
+    except UnicodeDecodeError:
+        guess = ""
+    stem, ext = os.path.splitext(path)
+    raise UserError(f"{path}: not UTF-8 text ({bad} of its first {len(lines)} lines do not decode){guess}; "
+                    f"convert it first, e.g. iconv -f cp949 -t utf-8 {path} > {stem}.utf8{ext}")
+
+
+def _check_encoding(fs: pafs.FileSystem, fs_path: str, item: str, fmt: str) -> None:
+    # Local files only: on an object store this would be one more request per file, on every listing.
+    if fmt == "parquet" or not isinstance(fs, pafs.LocalFileSystem):
+        return
+    with fs.open_input_stream(fs_path) as f:
+        head = f.read(_ENCODING_SAMPLE)
+    check_utf8(item, head)
+
+
 def expand_inputs(inputs: Iterable[str], fmt: str = "auto", ignored: list[str] | None = None) -> list[SourceFile]:
     """Files, folders (recursive, sorted) and globs -> files in a deterministic order.
 
@@ -135,6 +177,7 @@ def expand_inputs(inputs: Iterable[str], fmt: str = "auto", ignored: list[str] |
                 raise UserError(f"data input '{item}' matches no file; check the pattern")
             for info in matches:
                 files.append(SourceFile(_rejoin(item, info.path), _format_of(fs, info.path, fmt), info.size))
+                _check_encoding(fs, info.path, files[-1].path, files[-1].fmt)
             continue
         info = fs.get_file_info(fs_path)
         if info.type == pafs.FileType.NotFound:
@@ -142,6 +185,7 @@ def expand_inputs(inputs: Iterable[str], fmt: str = "auto", ignored: list[str] |
                             "against the current directory)")
         if info.type == pafs.FileType.File:
             files.append(SourceFile(_rejoin(item, fs_path), _format_of(fs, fs_path, fmt), info.size))
+            _check_encoding(fs, fs_path, files[-1].path, files[-1].fmt)
             continue
         if isinstance(fs, pafs.LocalFileSystem) and os.path.isfile(os.path.join(fs_path, "manifest.json")):
             raise UserError(f"data input '{item}' is a folder written by `korch data prepare` (it has manifest.json); "
@@ -155,6 +199,7 @@ def expand_inputs(inputs: Iterable[str], fmt: str = "auto", ignored: list[str] |
                     ignored.append(_rejoin(item, entry.path))
                 continue
             files.append(SourceFile(_rejoin(item, entry.path), _format_of(fs, entry.path, fmt), entry.size))
+            _check_encoding(fs, entry.path, files[-1].path, files[-1].fmt)
     return files
 
 
