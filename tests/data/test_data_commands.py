@@ -32,6 +32,16 @@ def test_cli_missing_input_is_exit_2_naming_the_path(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_cli_prepare_with_no_surviving_document_is_exit_2_saying_why(tmp_path, capsys):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("짧다\n")
+    code = main(["data", "prepare", str(corpus), "--output", str(tmp_path / "p"), "--seq-len", "64", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"korch: error: {corpus}: no document survived (1 read; skipped: too_short 1); "
+                                 "check the inputs, min_doc_chars and max_line_chars"]
+    assert load_manifest(str(tmp_path / "p"))["docs_out"] == 0  # what was written stays, for a look
+
+
 def test_cli_bad_config_field_is_exit_2(corpus_dir, tmp_path, capsys):
     config = tmp_path / "data.yaml"
     config.write_text("seq_lenn: 64\n")
@@ -66,3 +76,21 @@ def test_train_wordpiece_keeps_hangul_and_special_tokens(corpus_dir, tmp_path, p
     assert all(t is not None for t in (tok.pad_token_id, tok.mask_token_id, tok.unk_token_id))
     assert "한" in "".join(tok.convert_ids_to_tokens(ids))  # syllables stay composed (no accent stripping)
     assert json.loads((Path(out) / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
+
+
+def test_a_stage_on_data_with_no_rows_says_what_became_of_the_documents(tmp_path, capsys):
+    # Before: "each worker gets 0 rows, fewer than one optimizer step needs", with no word of why.
+    from korch.config import load_job
+    from korch.errors import UserError
+    from korch.train.runner import StageContext, run_training_stage
+
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("짧다\n")
+    prepared = tmp_path / "p"
+    assert main(["data", "prepare", str(corpus), "--output", str(prepared), "--seq-len", "64", "--quiet"]) == 2
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: j\nstages:\n  - {{name: mlm, task: mlm, data: {{inputs: [{prepared}], seq_len: 64}}, "
+                   f"tokenizer: {{path: {prepared / 'tokenizer'}}}}}\n")
+    with pytest.raises(UserError, match=r"stage mlm: no training rows in .*p \(1 documents read; skipped: "
+                                        r"too_short 1\); check data.inputs"):
+        run_training_stage(load_job(str(job)).stage("mlm"), StageContext(stage_dir=tmp_path / "stage"))

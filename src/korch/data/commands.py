@@ -73,6 +73,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if problems:  # would be a korch bug, not a user error
         print("[korch] manifest counts do not add up: " + "; ".join(problems))
         return 1
+    if not manifest["docs_out"]:  # nothing to train on: the inputs or the filters are wrong
+        skipped = ", ".join(f"{reason} {n}" for reason, n in manifest["skipped"].items() if n) or "none"
+        raise UserError(f"{', '.join(cfg.inputs)}: no document survived ({manifest['docs_in']} read; skipped: "
+                        f"{skipped}); check the inputs, min_doc_chars and max_line_chars")
     return 0
 
 

@@ -53,6 +53,14 @@ def _ray_run_name(stage_dir: Path, new: bool) -> str:
     return name
 
 
+def _why_empty(manifest: dict) -> str:
+    """What the prepared manifest says became of the input: ` (3 documents read; skipped: too_short 3)`."""
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted((manifest.get("skipped") or {}).items()) if n)
+    read = manifest.get("docs_in")
+    parts = ([f"{read} documents read"] if read is not None else []) + ([f"skipped: {skipped}"] if skipped else [])
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
     """Any trained task: its `TrainTask` prepares the data, then the shared loop runs on Ray Train + DeepSpeed."""
     import ray
@@ -74,6 +82,9 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
     prepared = task_cls.prepare_data(stage, ctx, tokenizer_dir)
     manifest = load_manifest(prepared)
     check_shards(manifest, prepared)  # in the driver: a missing shard is one line, not retried worker failures
+    if not manifest.get("splits", {}).get("train", {}).get("rows"):
+        raise UserError(f"stage {stage.name}: no training rows in {prepared}{_why_empty(manifest)}; check "
+                        "data.inputs and the data filters (min_doc_chars, max_docs)")
     seq_len = int(manifest.get("seq_len", stage.data.seq_len))
     rows = rows_per_worker(manifest, "train", dist.num_workers)
     has_validation = manifest.get("splits", {}).get("validation", {}).get("rows", 0) >= dist.num_workers
