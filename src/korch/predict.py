@@ -248,9 +248,12 @@ def _run(model_dir, max_length, texts, pairs, workers, batch_size, probs, progre
     try:
         items = [{"row": i, "text": t} if pairs is None else {"row": i, "text": t, "pair": pairs[i]}
                  for i, t in enumerate(texts)]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+        blocks = max(1, math.ceil(len(items) / batch_size))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        # No more actors than blocks: each loads the model, and Ray Data warns about a pool it cannot fill.
         ds = ds.map_batches(_Classifier, fn_constructor_args=(model_dir, max_length), batch_size=batch_size,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=ACTOR_CPUS)
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),
+                            num_cpus=ACTOR_CPUS)
         done, last, total = 0, time.perf_counter(), len(texts)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             rows = batch["row"]
