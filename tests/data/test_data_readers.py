@@ -203,6 +203,14 @@ def test_a_cp949_corpus_file_is_one_line_naming_it_and_the_fix(tmp_path, name):
         assert "reads as CP949 (EUC-KR)" in message and f"iconv -f cp949 -t utf-8 {path} >" in message
 
 
+def test_a_binary_file_is_not_called_cp949(tmp_path):
+    path = tmp_path / "blob.txt"
+    path.write_bytes(b"\xff\xfe\x00\x01\n" * 10)
+    with pytest.raises(UserError, match=r"blob.txt: not UTF-8 text \(10 of its first 10 lines do not decode\); "
+                                        r"convert it first, e.g. iconv -f ITS-ENCODING -t utf-8"):
+        expand_inputs([str(path)])
+
+
 def test_a_few_undecodable_lines_still_only_cost_themselves(tmp_path):
     path = tmp_path / "mixed.txt"
     good = "\n".join(CP949_LINES[:3]).encode()

@@ -144,12 +144,12 @@ def check_utf8(path: str, head: bytes, whole: bool = False) -> None:
         return
     try:
         b"\n".join(lines).decode("cp949")
-        guess = "; it reads as CP949 (EUC-KR), the usual Korean Windows encoding"
+        guess, source = "; it reads as CP949 (EUC-KR), the usual Korean Windows encoding", "cp949"
     except UnicodeDecodeError:
-        guess = ""
+        guess, source = "", "ITS-ENCODING"
     stem, ext = os.path.splitext(path)
     raise UserError(f"{path}: not UTF-8 text ({bad} of its first {len(lines)} lines do not decode){guess}; "
-                    f"convert it first, e.g. iconv -f cp949 -t utf-8 {path} > {stem}.utf8{ext}")
+                    f"convert it first, e.g. iconv -f {source} -t utf-8 {path} > {stem}.utf8{ext}")
 
 
 def _check_encoding(fs: pafs.FileSystem, fs_path: str, item: str, fmt: str) -> None:
