@@ -119,7 +119,7 @@ def _tsv_header(head: bytes) -> list[str] | None:
     return fields if any(f.strip() in HEADER_TEXT_FIELDS for f in fields) else None
 
 
-_ENCODING_SAMPLE = 1 << 16
+ENCODING_SAMPLE = 1 << 16
 
 
 def check_utf8(path: str, head: bytes, whole: bool = False) -> None:
@@ -131,7 +131,7 @@ def check_utf8(path: str, head: bytes, whole: bool = False) -> None:
     it with `whole`; a line cut off at the sample's end is left out.
     """
     lines = head.split(b"\n")
-    if not whole and len(head) >= _ENCODING_SAMPLE:
+    if not whole and len(head) >= ENCODING_SAMPLE:
         lines = lines[:-1]
     lines = [line for line in lines if line.strip()]
     bad = 0
@@ -152,12 +152,19 @@ def check_utf8(path: str, head: bytes, whole: bool = False) -> None:
                     f"convert it first, e.g. iconv -f {source} -t utf-8 {path} > {stem}.utf8{ext}")
 
 
+def check_utf8_file(path: str) -> None:
+    """`check_utf8` on a local file's first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(ENCODING_SAMPLE + 1)
+    check_utf8(path, head[:ENCODING_SAMPLE], whole=len(head) <= ENCODING_SAMPLE)
+
+
 def _check_encoding(fs: pafs.FileSystem, fs_path: str, item: str, fmt: str) -> None:
     # Local files only: on an object store this would be one more request per file, on every listing.
     if fmt == "parquet" or not isinstance(fs, pafs.LocalFileSystem):
         return
     with fs.open_input_stream(fs_path) as f:
-        head = f.read(_ENCODING_SAMPLE)
+        head = f.read(ENCODING_SAMPLE)
     check_utf8(item, head)
 
 

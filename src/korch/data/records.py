@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from korch.errors import UserError
 
-from .readers import _ENCODING_SAMPLE, check_utf8, filesystem
+from .readers import ENCODING_SAMPLE, check_utf8, filesystem
 
 LABELLED_EXTENSIONS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
                        ".parquet": "parquet", ".pq": "parquet", ".txt": None, "": None}
@@ -93,7 +93,7 @@ def read_records(path: str, fmt: str = "auto", columns: list[str] | None = None,
     data = _read_bytes(path)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    check_utf8(path, data[:_ENCODING_SAMPLE], whole=len(data) <= _ENCODING_SAMPLE)
+    check_utf8(path, data[:ENCODING_SAMPLE], whole=len(data) <= ENCODING_SAMPLE)
     if fmt == "jsonl":
         return _read_jsonl(path, data, max_rows, skipped)
     return _read_delimited(path, fmt, data, columns, max_rows, skipped)

@@ -48,12 +48,10 @@ def read_pairs(path: str, limit: int | None = None) -> Pairs:
     """A headed TSV with sentence1, sentence2 and either `score` (KorSTS) or `gold_label` (KorNLI).
 
     Quoting is off: KorSTS holds literal `"` inside fields."""
-    from korch.data.readers import _ENCODING_SAMPLE, check_utf8
+    from korch.data.readers import check_utf8_file
 
     try:
-        with open(path, "rb") as raw:  # a CP949 file is one line naming it, not a UnicodeDecodeError traceback
-            head = raw.read(_ENCODING_SAMPLE + 1)
-        check_utf8(path, head[:_ENCODING_SAMPLE], whole=len(head) <= _ENCODING_SAMPLE)
+        check_utf8_file(path)  # a CP949 file is one line naming it, not a UnicodeDecodeError traceback
         handle = open(path, encoding="utf-8", newline="")
     except OSError as exc:
         raise UserError(f"--pairs {path}: cannot read it ({exc.strerror}); give a KorSTS or KorNLI TSV, "
