@@ -85,3 +85,41 @@ def test_start_event_names_the_step_a_rerun_continues_from(tmp_path):
     write_checkpoint(tmp_path / "ray" / "older-run" / "checkpoint_c", {}, {}, {"step": 90})
     assert _resume_step(ctx) == 30
     assert _resume_step(StageContext(stage_dir=tmp_path, fresh_run=True)) == 0
+
+
+def test_a_cluster_address_nothing_answers_is_one_line_in_seconds():
+    # Ray retries such an address for minutes (2.5 min and counting for 127.0.0.1:1), printing warnings.
+    import socket
+
+    from korch.errors import UserError
+    from korch.train.job import check_cluster_address
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    with pytest.raises(UserError, match=rf"--address 127.0.0.1:{free}: nothing answers there .*leave --address out"):
+        check_cluster_address(f"127.0.0.1:{free}")
+    with pytest.raises(UserError, match=r"RAY_ADDRESS http://127.0.0.1:8265: that is the Ray job API .*HOST:6379"):
+        check_cluster_address("http://127.0.0.1:8265", "RAY_ADDRESS")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_cluster_address(f"127.0.0.1:{server.getsockname()[1]}")  # something answers: Ray takes it from here
+    check_cluster_address("auto")
+
+
+def test_joining_no_cluster_is_one_line(monkeypatch):
+    import ray
+
+    from korch.errors import UserError
+    from korch.train import job as job_module
+
+    def refuse(**_):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(UserError, match=r"^RAY_ADDRESS auto: Could not find any running Ray instance\..*to\. Start "
+                                        r"the cluster first .*or unset RAY_ADDRESS to run on a local Ray"):
+        job_module.start_ray(load_job(Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml"), None)

@@ -60,16 +60,47 @@ def start_ray(job: JobConfig, address: str | None) -> str | None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
         return None
+    given = "--address" if address else "RAY_ADDRESS"  # name what the user set in any error
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_cluster_address(address, given)
         print(f"[korch] joining the Ray cluster at {address}", flush=True)
-        ray.init(address=address, log_to_driver=verbose())
+        try:
+            ray.init(address=address, log_to_driver=verbose())
+        except ConnectionError as exc:  # e.g. `auto` with no cluster started on this node
+            why = str(exc).splitlines()[0].rstrip(".")
+            raise UserError(f"{given} {address}: {why}. Start the cluster first (`ray start --head`), or "
+                            f"{_without(given)} to run on a local Ray of korch's own") from None
         quiet_driver_console()
         return "joined"
     cpus = local_cpus_needed(job)
     print(f"[korch] starting a local Ray with {cpus} logical CPUs (machine has {os.cpu_count()})", flush=True)
     init_local_ray(cpus)
     return "local"
+
+
+def check_cluster_address(address: str, given: str = "--address") -> None:
+    """Fail in seconds, with one line, on a `host:port` that nothing answers: Ray itself retries such an address
+    for minutes. `auto` and `ray://` addresses are left to Ray."""
+    import socket
+
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"{given} {address}: that is the Ray job API (what `korch submit` takes); `korch run` "
+                        "joins a cluster's GCS: HOST:6379, or auto on a node of the cluster")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{given} {address}: nothing answers there ({reason}); start the cluster first "
+                        f"(`ray start --head` on that node), fix the address, or {_without(given)} to run on a "
+                        "local Ray of korch's own") from None
+
+
+def _without(given: str) -> str:
+    return "leave --address out" if given == "--address" else "unset RAY_ADDRESS"
 
 
 def init_local_ray(num_cpus: int) -> None:
