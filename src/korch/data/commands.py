@@ -46,7 +46,7 @@ def build_data_config(inputs: list[str], config_file: str | None, overrides: dic
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .pipeline import check_counts, prepare_corpus
+    from .pipeline import check_counts, describe_skips, prepare_corpus
     from .readers import iter_documents
     from .tokenizer import train_wordpiece
 
@@ -74,9 +74,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         print("[korch] manifest counts do not add up: " + "; ".join(problems))
         return 1
     if not manifest["docs_out"]:  # nothing to train on: the inputs or the filters are wrong
-        skipped = ", ".join(f"{reason} {n}" for reason, n in manifest["skipped"].items() if n) or "none"
         raise UserError(f"{', '.join(cfg.inputs)}: no document survived ({manifest['docs_in']} read; skipped: "
-                        f"{skipped}); check the inputs, min_doc_chars and max_line_chars")
+                        f"{describe_skips(manifest['skipped'])}); check the inputs, min_doc_chars and max_line_chars")
     return 0
 
 

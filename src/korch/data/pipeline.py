@@ -106,6 +106,11 @@ def load_manifest(path: str) -> dict:
         raise UserError(f"cannot read {manifest}: {exc}; delete the folder and prepare again") from None
 
 
+def describe_skips(skipped: dict) -> str:
+    """`too_short 3, duplicate 1` (reasons with a count), or `none`."""
+    return ", ".join(f"{reason} {n}" for reason, n in sorted((skipped or {}).items()) if n) or "none"
+
+
 def check_shards(manifest: dict, prepared_dir: str) -> None:
     """Every shard the manifest lists is there and holds its rows. Without this, a deleted or truncated shard
     fails every training worker, is retried as worker failures, and ends with advice to resume. Local folders

@@ -89,14 +89,15 @@ def sniff_format(head: bytes) -> str:
     return "txt"
 
 
-def _format_of(fs: pafs.FileSystem, fs_path: str, fmt: str) -> str:
+def _format_of(fs: pafs.FileSystem, fs_path: str, fmt: str, head: bytes | None = None) -> str:
     if fmt != "auto":
         return fmt
     ext = os.path.splitext(fs_path)[1].lower()
     if ext in EXTENSIONS and EXTENSIONS[ext] != "txt":
         return EXTENSIONS[ext]
-    with fs.open_input_stream(fs_path) as f:
-        head = f.read(1 << 16)
+    if head is None:
+        with fs.open_input_stream(fs_path) as f:
+            head = f.read(1 << 16)
     if _tsv_header(head) is not None:
         return "tsv"
     guess = EXTENSIONS.get(ext) or sniff_format(head[:64])
@@ -159,13 +160,17 @@ def check_utf8_file(path: str) -> None:
     check_utf8(path, head[:ENCODING_SAMPLE], whole=len(head) <= ENCODING_SAMPLE)
 
 
-def _check_encoding(fs: pafs.FileSystem, fs_path: str, item: str, fmt: str) -> None:
-    # Local files only: on an object store this would be one more request per file, on every listing.
-    if fmt == "parquet" or not isinstance(fs, pafs.LocalFileSystem):
-        return
-    with fs.open_input_stream(fs_path) as f:
-        head = f.read(ENCODING_SAMPLE)
-    check_utf8(item, head)
+def _source(fs: pafs.FileSystem, fs_path: str, shown: str, fmt: str, size: int) -> SourceFile:
+    """A listed file with its format, its encoding checked. A local file's head is read once, for both; on an
+    object store the encoding is not checked (one more request per file, on every listing)."""
+    head = None
+    if isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_input_stream(fs_path) as f:
+            head = f.read(ENCODING_SAMPLE)
+    source = SourceFile(shown, _format_of(fs, fs_path, fmt, head), size)
+    if head is not None and source.fmt != "parquet":
+        check_utf8(shown, head)
+    return source
 
 
 def expand_inputs(inputs: Iterable[str], fmt: str = "auto", ignored: list[str] | None = None) -> list[SourceFile]:
@@ -183,16 +188,14 @@ def expand_inputs(inputs: Iterable[str], fmt: str = "auto", ignored: list[str] |
             if not matches:
                 raise UserError(f"data input '{item}' matches no file; check the pattern")
             for info in matches:
-                files.append(SourceFile(_rejoin(item, info.path), _format_of(fs, info.path, fmt), info.size))
-                _check_encoding(fs, info.path, files[-1].path, files[-1].fmt)
+                files.append(_source(fs, info.path, _rejoin(item, info.path), fmt, info.size))
             continue
         info = fs.get_file_info(fs_path)
         if info.type == pafs.FileType.NotFound:
             raise UserError(f"data input '{item}' does not exist; fix the path (relative paths resolve "
                             "against the current directory)")
         if info.type == pafs.FileType.File:
-            files.append(SourceFile(_rejoin(item, fs_path), _format_of(fs, fs_path, fmt), info.size))
-            _check_encoding(fs, fs_path, files[-1].path, files[-1].fmt)
+            files.append(_source(fs, fs_path, _rejoin(item, fs_path), fmt, info.size))
             continue
         if isinstance(fs, pafs.LocalFileSystem) and os.path.isfile(os.path.join(fs_path, "manifest.json")):
             raise UserError(f"data input '{item}' is a folder written by `korch data prepare` (it has manifest.json); "
@@ -205,8 +208,7 @@ def expand_inputs(inputs: Iterable[str], fmt: str = "auto", ignored: list[str] |
                 if ignored is not None:
                     ignored.append(_rejoin(item, entry.path))
                 continue
-            files.append(SourceFile(_rejoin(item, entry.path), _format_of(fs, entry.path, fmt), entry.size))
-            _check_encoding(fs, entry.path, files[-1].path, files[-1].fmt)
+            files.append(_source(fs, entry.path, _rejoin(item, entry.path), fmt, entry.size))
     return files
 
 

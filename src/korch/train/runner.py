@@ -55,10 +55,11 @@ def _ray_run_name(stage_dir: Path, new: bool) -> str:
 
 def _why_empty(manifest: dict) -> str:
     """What the prepared manifest says became of the input: ` (3 documents read; skipped: too_short 3)`."""
-    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted((manifest.get("skipped") or {}).items()) if n)
-    read = manifest.get("docs_in")
-    parts = ([f"{read} documents read"] if read is not None else []) + ([f"skipped: {skipped}"] if skipped else [])
-    return f" ({'; '.join(parts)})" if parts else ""
+    from korch.data.pipeline import describe_skips
+
+    if manifest.get("docs_in") is None:  # a manifest kind that does not count documents
+        return ""
+    return f" ({manifest['docs_in']} documents read; skipped: {describe_skips(manifest.get('skipped'))})"
 
 
 def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
