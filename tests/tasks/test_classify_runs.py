@@ -108,12 +108,12 @@ def test_a_worker_failure_resumes_to_the_uninterrupted_run(nsmc_tiny, tmp_path):
     clean_stage, _ = nsmc_tiny
     faulty = korch("run", "jobs/nsmc_tiny.yaml", "--runs-dir", str(tmp_path),
                    env={"KORCH_FAIL_AT_STEP": "165", **guard_env(tmp_path, tmp_path / "guard.jsonl")})
-    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    faulty_stage = tmp_path / "nsmc-tiny" / "classify"
+    assert faulty.returncode == 0, faulty.stderr[-3000:] + _what_happened(faulty_stage)
     # The Ray-restart resume read its checkpoint from the run folder, and nothing there was ever unpickled: the
     # guard ran in the driver and in both workers of both attempts.
     refused, patched = guard_report(tmp_path / "guard.jsonl")
     assert refused == [] and patched >= 5, (refused, patched)
-    faulty_stage = tmp_path / "nsmc-tiny" / "classify"
     events = read_jsonl(faulty_stage / "events.jsonl")
     assert [e["step"] for e in events if e["event"] == "failure"] == [165]
     resumes = [e for e in events if e["event"] == "resume"]
@@ -141,3 +141,12 @@ def test_a_worker_failure_resumes_to_the_uninterrupted_run(nsmc_tiny, tmp_path):
         assert clean_weights.keys() == faulty_weights.keys()
         for name, tensor in clean_weights.items():
             torch.testing.assert_close(faulty_weights[name], tensor, atol=1e-6, rtol=0)
+
+
+def _what_happened(stage: Path) -> str:
+    """For a failed fault test: the run's events other than checkpoints, and every rank's error of the last
+    failure (the one line on stderr names only the first)."""
+    events = [e for e in read_jsonl(stage / "events.jsonl") if e["event"] != "checkpoint"] \
+        if (stage / "events.jsonl").exists() else []
+    failure = (stage / "failure.txt").read_text()[-6000:] if (stage / "failure.txt").exists() else "(no failure.txt)"
+    return "\n--- events ---\n" + "\n".join(map(json.dumps, events)) + "\n--- failure.txt ---\n" + failure

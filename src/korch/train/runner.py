@@ -15,6 +15,7 @@ from typing import Any
 
 from korch.config import StageConfig
 from korch.errors import StageFailed, UserError
+from korch.train.failure import FAILURE_FILE, describe_failure, write_failure
 
 RUN_STATE = "run.json"
 
@@ -143,22 +144,16 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
         if view:
             view.stop()
     if error:
+        details = write_failure(ctx.stage_dir, error)
         raise StageFailed(f"stage {stage.name} failed after {max(dist.max_failures, 0)} allowed worker failure(s): "
-                          f"{_first_cause(error)}; checkpoints in {ctx.stage_dir / 'ray'} are kept, run the same "
-                          "command to resume")
+                          f"{describe_failure(error)}; every worker's error is in {details}; checkpoints in "
+                          f"{ctx.stage_dir / 'ray'} are kept, run the same command to resume")
+    (ctx.stage_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's failure, now resumed past
     summary = summary or {}
     evaluation = summary.get("eval", {"note": "no held-out split large enough to evaluate"})
     (ctx.stage_dir / "eval.json").write_text(json.dumps(evaluation, indent=1, ensure_ascii=False))
     extra = {k: v for k, v in summary.items() if k not in ("step", "loss", "eval")}
     return {"final_step": summary.get("step"), "final_loss": summary.get("loss"), "eval": evaluation, **extra}
-
-
-def _first_cause(error: BaseException) -> str:
-    """The line that says what went wrong (a worker's exception), not Ray's wrapper headers or tracebacks."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    causes = [line for line in lines if not line.startswith(("Traceback", "File ", "[Rank", "Training failed"))
-              and ("Error" in line.split(":")[0] or "Exception" in line.split(":")[0])]
-    return (causes or lines or [type(error).__name__])[-1]
 
 
 def apply_from_checkpoint(ctx: StageContext, path: str) -> None:
