@@ -75,3 +75,18 @@ def test_masking_is_deterministic_and_spares_special_and_padding():
     assert 0.10 < chosen.float()[big_attention.bool()].mean() < 0.20
     assert not chosen[:, 0].any() and not chosen[big_attention == 0].any()
     assert (masked[chosen] == 4).float().mean() > 0.7
+
+
+def test_cpu_workers_skip_deepspeeds_shm_comm_build(monkeypatch):
+    """DeepSpeed's CPU comm would JIT-compile its shared-memory op (40 s on 2 cores) at start-up; korch's loop
+    marks it incompatible first, so comm start-up finds nothing to build. The name must track DeepSpeed's."""
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    from korch.train.loop import SHM_COMM_OP, skip_shm_comm_build
+
+    assert SHM_COMM_OP == ShareMemCommBuilder.NAME
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, SHM_COMM_OP, True)
+    skip_shm_comm_build()
+    assert build_shm_op() is None

@@ -69,7 +69,9 @@ def worker(config: dict) -> None:
     from korch.config import DeepSpeedConfig, TrainConfig
     from korch.train import checkpoint as ckpt
     from korch.train.deepspeed_config import build_deepspeed_config
+    from korch.train.loop import skip_shm_comm_build
 
+    skip_shm_comm_build()  # as korch's loop does on CPU
     torch.set_num_threads(1)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -101,6 +101,19 @@ def is_improvement(value: float, best: float | None, greater_is_better: bool) ->
     return value > best if greater_is_better else value < best
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
+
+
+def skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed's comm start-up JIT-compiles a shared-memory all-reduce op (40 s on 2 cores, again for
+    every new environment, and only with a C++ compiler) that only its inference all-reduce uses, never a
+    training step. Marking the op incompatible skips the build: DeepSpeed keeps its probe's dict, and its comm
+    builds the op only if that dict says compatible."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 def train_loop_per_worker(config: dict) -> dict | None:
     import deepspeed
     import ray
@@ -125,6 +138,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     device = torch.device("cuda", context.get_local_rank()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    else:
+        skip_shm_comm_build()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
