@@ -123,3 +123,12 @@ def test_joining_no_cluster_is_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"^RAY_ADDRESS auto: Could not find any running Ray instance\..*to\. Start "
                                         r"the cluster first .*or unset RAY_ADDRESS to run on a local Ray"):
         job_module.start_ray(load_job(Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml"), None)
+
+
+def test_the_ray_train_features_a_local_ray_turns_off_are_ray_trains_own_names():
+    """init_local_ray sets these to 0 (unless the user set them): a renamed variable would silently do nothing."""
+    from ray.train.v2._internal import constants
+
+    from korch.train.job import LOCAL_RAY_TRAIN_OFF
+
+    assert set(LOCAL_RAY_TRAIN_OFF) == {constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR, constants.METRICS_ENABLED_ENV_VAR}

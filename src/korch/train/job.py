@@ -103,6 +103,9 @@ def _without(given: str) -> str:
     return "leave --address out" if given == "--address" else "unset RAY_ADDRESS"
 
 
+LOCAL_RAY_TRAIN_OFF = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED")
+
+
 def init_local_ray(num_cpus: int) -> None:
     """A private embedded Ray (never joins a cluster someone else started here), without the dashboard.
 
@@ -110,12 +113,18 @@ def init_local_ray(num_cpus: int) -> None:
     our own it auto-detects one, and with another Ray on the machine it can ask the wrong cluster, hear "dead",
     and remove our workers' placement group mid-run. Pointing the state API at a closed port makes that check
     fail safe ("unavailable, keep monitoring"); the embedded cluster is shut down with korch anyway.
+
+    Ray Train's preemption watcher (an actor per run, for spot nodes) and its metrics callbacks (for a
+    dashboard this Ray does not run) have nothing to do on one machine: without them a 2-worker stage reaches
+    its first step about 2 s sooner (1.7 s of 21 s, 5 runs each way on 2 cores). The user's own setting wins.
     """
     import ray
 
     from korch.data.pipeline import local_ray_options
 
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    for name in LOCAL_RAY_TRAIN_OFF:
+        os.environ.setdefault(name, "0")
     quiet_before_local_init()
     ray.init(**{**local_ray_options(num_cpus), "log_to_driver": verbose()})
     quiet_driver_console()
