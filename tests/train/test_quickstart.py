@@ -84,25 +84,25 @@ def test_sigterm_then_rerun_continues_the_global_step(quickstart, tmp_path):
     runs = tmp_path / "runs"
     stage = runs / "quickstart" / "mlm"
     process = subprocess.Popen([sys.executable, "-m", "korch.cli", "run", "jobs/quickstart.yaml", "--runs-dir", str(runs),
-                                *small(quickstart, 60)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                *small(quickstart, 40)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
         events = read_jsonl(stage / "events.jsonl") if (stage / "events.jsonl").exists() else []
-        if any(e["event"] == "checkpoint" and e["step"] >= 20 for e in events):
+        if any(e["event"] == "checkpoint" and e["step"] >= 10 for e in events):
             break
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=60)
     checkpointed = max(e["step"] for e in read_jsonl(stage / "events.jsonl") if e["event"] == "checkpoint")
-    assert 20 <= checkpointed < 60
-    again = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(runs), *small(quickstart, 60))
+    assert 10 <= checkpointed < 40
+    again = korch("run", "jobs/quickstart.yaml", "--runs-dir", str(runs), *small(quickstart, 40))
     assert again.returncode == 0, again.stderr[-3000:]
     events = read_jsonl(stage / "events.jsonl")
     resume = [e for e in events if e["event"] == "resume"][-1]
     assert resume["from_step"] >= checkpointed
     metrics = read_jsonl(stage / "metrics.jsonl")
-    assert metrics[-1]["step"] == 60
+    assert metrics[-1]["step"] == 40
 
 
 def _quickstart_lr(step: int, total: int) -> float:
