@@ -90,3 +90,16 @@ def test_cpu_workers_skip_deepspeeds_shm_comm_build(monkeypatch):
     monkeypatch.setitem(deepspeed.ops.__compatible_ops__, SHM_COMM_OP, True)
     skip_shm_comm_build()
     assert build_shm_op() is None
+
+
+def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports_after():
+    """DeepSpeed's autotuner imports MLflow at import time (1.4-2.6 s); the workers' import skips it. A fresh
+    interpreter, since this one may have imported either already."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from korch.train.loop import import_deepspeed; import_deepspeed(); "
+            "print('mlflow' in sys.modules); import mlflow; print('mlflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["False", "True"]

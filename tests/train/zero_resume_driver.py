@@ -61,7 +61,6 @@ def _max_diff(a: dict, b: dict) -> dict:
 
 
 def worker(config: dict) -> None:
-    import deepspeed
     import ray.train
     import torch
     from safetensors.torch import load_file, save_file
@@ -69,8 +68,9 @@ def worker(config: dict) -> None:
     from korch.config import DeepSpeedConfig, TrainConfig
     from korch.train import checkpoint as ckpt
     from korch.train.deepspeed_config import build_deepspeed_config
-    from korch.train.loop import skip_shm_comm_build
+    from korch.train.loop import import_deepspeed, skip_shm_comm_build
 
+    deepspeed = import_deepspeed()  # as korch's loop does
     skip_shm_comm_build()  # as korch's loop does on CPU
     torch.set_num_threads(1)
     context = ray.train.get_context()

@@ -114,8 +114,26 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
+def import_deepspeed():
+    """`import deepspeed`, without the `import mlflow` its autotuner makes at import time when MLflow is installed
+    (korch's tracking installs it): 1.4-2.6 s of a worker's start-up, for an autotuner that only DeepSpeed's own
+    launcher runs. MLflow is hidden during the import alone, so a later `import mlflow` works as usual."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError meanwhile
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
+
+
 def train_loop_per_worker(config: dict) -> dict | None:
-    import deepspeed
+    deepspeed = import_deepspeed()
     import ray
     import ray.train
     import torch
