@@ -58,7 +58,8 @@ def test_the_same_error_on_every_rank_is_said_once_and_long_ones_are_cut():
 def test_a_controller_error_gives_its_cause(tmp_path):
     error = ControllerError(TimeoutError("The worker group startup timed out after 60.0 seconds"))
     assert describe_failure(error) == "TimeoutError: The worker group startup timed out after 60.0 seconds"
-    written = write_failure(tmp_path, _group_error({0: RuntimeError(GLOO_CLOSED)}))
+    error = _group_error({0: RuntimeError(GLOO_CLOSED)})
+    written = write_failure(tmp_path, error, describe_failure(error))
     assert written == tmp_path / FAILURE_FILE
     text = written.read_text()
     assert text.startswith("rank 0 raised RuntimeError: Connection closed by peer") and "[Rank 0 Error Snippet]" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -125,10 +126,22 @@ def test_joining_no_cluster_is_one_line(monkeypatch):
         job_module.start_ray(load_job(Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml"), None)
 
 
-def test_the_ray_train_features_a_local_ray_turns_off_are_ray_trains_own_names():
-    """init_local_ray sets these to 0 (unless the user set them): a renamed variable would silently do nothing."""
+def test_a_local_ray_turns_off_ray_trains_preemption_watcher_and_metrics_unless_the_user_set_them(monkeypatch):
+    """init_local_ray sets Ray Train's own variables (a renamed one would silently do nothing) to 0 before
+    ray.init, and leaves a value the user set. ray.init is recorded, not run."""
+    import ray
     from ray.train.v2._internal import constants
 
-    from korch.train.job import LOCAL_RAY_TRAIN_OFF
+    from korch.train import job
 
-    assert set(LOCAL_RAY_TRAIN_OFF) == {constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR, constants.METRICS_ENABLED_ENV_VAR}
+    watcher, metrics = constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR, constants.METRICS_ENABLED_ENV_VAR
+    assert set(job.LOCAL_RAY_TRAIN_OFF) == {watcher, metrics}
+    seen = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append({k: os.environ.get(k) for k in (watcher, metrics)}))
+    monkeypatch.setattr(job, "quiet_before_local_init", lambda: None)
+    monkeypatch.setattr(job, "quiet_driver_console", lambda: None)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    monkeypatch.delenv(watcher, raising=False)
+    monkeypatch.setenv(metrics, "1")  # the user's choice
+    job.init_local_ray(2)
+    assert seen == [{watcher: "0", metrics: "1"}]

@@ -22,24 +22,20 @@ def describe_failure(error: BaseException) -> str:
     if not failures:
         cause = getattr(error, "controller_failure", None)  # e.g. the worker group did not start in time
         return _exception_line(cause) if cause is not None else _last_error_line(str(error)) or type(error).__name__
-    died = {rank: exc for rank, exc in failures.items() if _died_process(exc) is not None}
-    raised: dict[str, list[int]] = {}
-    for rank, exc in sorted(failures.items()):
-        if rank not in died:
-            # Beside a dead rank, the others' errors are its echo: their first sentence is enough.
-            raised.setdefault(_exception_line(exc, first_sentence=bool(died)), []).append(rank)
-    parts = []
-    for reason, ranks in _group({rank: _died_process(exc) for rank, exc in died.items()}).items():
-        parts.append(f"{_ranks(ranks)}'s process died" + (f" ({reason})" if reason else ""))
+    died = {rank: why for rank, exc in failures.items() if (why := _died_process(exc)) is not None}
+    # Beside a dead rank, the others' errors are its echo: their first sentence is enough.
+    raised = {rank: _exception_line(exc, first_sentence=bool(died)) for rank, exc in failures.items()
+              if rank not in died}
+    parts = [f"{_ranks(ranks)}'s process died" + (f" ({why})" if why else "") for why, ranks in _group(died).items()]
     then = " then" if parts else ""
-    parts += [f"{_ranks(ranks)}{then} raised {line}" for line, ranks in raised.items()]
+    parts += [f"{_ranks(ranks)}{then} raised {line}" for line, ranks in _group(raised).items()]
     return "; ".join(parts)
 
 
-def write_failure(stage_dir: Path, error: BaseException) -> Path:
-    """Every rank's error as Ray reported it (tracebacks included), for the user who wants more than one line."""
+def write_failure(stage_dir: Path, error: BaseException, line: str) -> Path:
+    """`line` (describe_failure's), then every rank's error as Ray reported it, tracebacks included."""
     path = stage_dir / FAILURE_FILE
-    path.write_text(f"{describe_failure(error)}\n\n{error}\n", encoding="utf-8")
+    path.write_text(f"{line}\n\n{error}\n", encoding="utf-8")
     return path
 
 
@@ -62,9 +58,8 @@ def _exception_line(exc: BaseException, first_sentence: bool = False) -> str:
     message = re.sub(r"^\[[^\]]*\.\w+:\d+\]\s*", "", message)
     if first_sentence:
         message = re.split(r"(?<=\.) ", message, maxsplit=1)[0].rstrip(".")
-    name = type(exc).__name__
-    line = message if message.startswith(name) or re.match(r"^[\w.]+(Error|Exception):", message) else \
-        f"{_qualified(exc)}: {message}"
+    # A line taken from a traceback already starts with its exception's name.
+    line = message if re.match(r"^[\w.]+(Error|Exception):", message) else f"{_qualified(exc)}: {message}"
     return line if len(line) <= MAX_CAUSE_CHARS else line[:MAX_CAUSE_CHARS - 1] + "…"
 
 

@@ -144,9 +144,10 @@ def run_training_stage(stage: StageConfig, ctx: StageContext) -> dict:
         if view:
             view.stop()
     if error:
-        details = write_failure(ctx.stage_dir, error)
+        cause = describe_failure(error)
+        details = write_failure(ctx.stage_dir, error, cause)
         raise StageFailed(f"stage {stage.name} failed after {max(dist.max_failures, 0)} allowed worker failure(s): "
-                          f"{describe_failure(error)}; every worker's error is in {details}; checkpoints in "
+                          f"{cause}; every worker's error is in {details}; checkpoints in "
                           f"{ctx.stage_dir / 'ray'} are kept, run the same command to resume")
     (ctx.stage_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's failure, now resumed past
     summary = summary or {}
