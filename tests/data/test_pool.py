@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from korch.data.pool import ACTOR_MEMORY_BYTES, inline_kiwi_threads, pool_shape
@@ -49,3 +53,25 @@ def test_set_pool_values_always_ask_for_actors():
     assert inline_kiwi_threads(2.0, True, actors=2) is None
     assert inline_kiwi_threads(2.0, True, actor_cpus=0.5) is None
     assert inline_kiwi_threads(2.0, True, kiwi_threads=1) == 1  # the thread count alone keeps the driver mode
+
+
+def test_inline_here_is_the_driver_mode_on_this_machine_without_ray(monkeypatch, corpus_dir):
+    from korch.config import DataConfig
+    from korch.data.pool import inline_here
+
+    data = DataConfig(inputs=[str(corpus_dir)])
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert inline_here(data)
+    assert not inline_here(data.model_copy(update={"preprocess_actors": 2}))
+    assert not inline_here(data.model_copy(update={"actor_cpus": 0.5}))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert not inline_here(data)
+
+
+def test_choosing_the_drivers_kiwi_does_not_import_ray(corpus_dir):
+    """`korch data prepare` on a laptop never needs Ray; importing it alone costs ~0.5 s of a ~20 s run."""
+    code = ("import sys; from korch.config import DataConfig; from korch.data.pool import pipeline_kiwi_threads; "
+            f"threads = pipeline_kiwi_threads(DataConfig(inputs=[{str(corpus_dir)!r}], kiwi_threads=2)); "
+            "print(threads, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "False"]

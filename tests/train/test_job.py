@@ -145,3 +145,45 @@ def test_a_local_ray_turns_off_ray_trains_preemption_watcher_and_metrics_unless_
     monkeypatch.setenv(metrics, "1")  # the user's choice
     job.init_local_ray(2)
     assert seen == [{watcher: "0", metrics: "1"}]
+
+
+def test_only_stages_that_use_ray_start_it(tmp_path, monkeypatch):
+    from korch.train.job import needs_ray
+
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB.format(data=DATA / "nsmc"))
+    job = load_job(path)
+    prepare, mlm = job.stage("prepare"), job.stage("mlm")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert not needs_ray(prepare, None)  # the driver's own Kiwi on a laptop
+    assert needs_ray(mlm, None)
+    assert needs_ray(prepare, "10.0.0.1:6379")  # a cluster's data stage runs its pool there
+    assert needs_ray(prepare.model_copy(update={"data": prepare.data.model_copy(update={"preprocess_actors": 2})}), None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert needs_ray(prepare, None)  # from 4 CPUs an actor pool prepares the data
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # under `ray job submit`
+    assert needs_ray(prepare, None)
+
+
+def test_a_data_only_job_on_a_laptop_never_starts_ray(tmp_path, monkeypatch):
+    import ray
+
+    from korch.train.job import run_job
+
+    corpus = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "corpus"
+    path = tmp_path / "job.yaml"
+    path.write_text(f"name: prep\nstages:\n  - {{name: prepare, task: data_prepare, tokenizer: {{vocab_size: 300}}, "
+                    f"data: {{inputs: [{corpus}], seq_len: 32, min_doc_chars: 0}}}}\n")
+
+    def refuse(**_):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever Ray other tests left up
+    monkeypatch.setattr(ray, "init", refuse)
+    summaries = run_job(load_job(path), str(tmp_path / "runs"))
+    assert summaries["prepare"]["docs_out"] > 0
+    assert (tmp_path / "runs" / "prep" / "prepare" / "data" / "manifest.json").exists()

@@ -7,9 +7,10 @@ Engines (each in a fresh subprocess, so peak RSS is its own):
 - `linecache`: the old workflow's reader (`linecache.getline(path, i)` for every line) feeding the same steps.
 - `korch`: `prepare_corpus` as `korch run` calls it (`korch.data.pool` decides): under 4 free CPUs on this
   machine alone, the driver's own Kiwi with a thread per CPU, fed one stream over all chunks; otherwise (or
-  with `--actors`) Ray Data with a Kiwi actor pool. Ray is started before the clock starts (in `korch run` it
-  is already up); actor start-up and Kiwi loading are timed. Peak RSS is the largest sum, sampled every
-  0.2 s, over the driver and the Ray worker processes.
+  with `--actors`) Ray Data with a Kiwi actor pool. For a pool, Ray is started before the clock starts (in
+  `korch run` it is already up); actor start-up and Kiwi loading are timed. The driver's own Kiwi runs with no
+  Ray up, as `korch run` runs such a data stage (`korch.train.job.needs_ray`). Peak RSS is the largest sum,
+  sampled every 0.2 s, over the driver and the Ray worker processes.
 - `kiwi_mt`: for reference, read + clean, then one `Kiwi(num_workers=cores).split_into_sents(all paragraphs)`
   (Kiwi's own thread pool; no WordPiece or packing).
 `single`, `linecache` and `korch` hand Kiwi batches of documents' paragraphs (`DocumentProcessor`), one
@@ -154,7 +155,9 @@ def _child(argv: list[str]) -> None:
 
     cfg = DataConfig(inputs=[args.corpus_dir], seq_len=256, preprocess_actors=args.actors, actor_cpus=args.actor_cpus,
                      kiwi_threads=args.kiwi_threads)
-    if args.engine == "korch":
+    from .pool import inline_here
+
+    if args.engine == "korch" and not inline_here(cfg):
         import ray
 
         from .pipeline import local_ray_options

@@ -32,6 +32,13 @@ def resolve_tokenizer_dir(stage, ctx, out_dir: Path, texts=None) -> str:
     return train_wordpiece(docs, str(out_dir), settings.vocab_size, settings.min_frequency, settings.pre_tokenize)
 
 
+def prepares_in_driver(stage) -> bool:
+    """True when this machine alone would prepare the stage's data with the driver's own Kiwi, without Ray."""
+    from .pool import inline_here
+
+    return inline_here(stage.data)
+
+
 def run_prepare_stage(stage, ctx) -> dict:
     """Prepare `stage.data` into `ctx.stage_dir / "data"`; returns a summary (the manifest's counts)."""
     from .pipeline import prepare_corpus

@@ -28,9 +28,15 @@ class TaskInfo:
     """`module:Class` of the task's `TrainTask`, for tasks that run through the shared training loop."""
     rows: str = "corpus"
     """What the task reads: `corpus` (packed blocks), `labelled` (text, label records) or `none`."""
+    runs_in_driver: str | None = None
+    """`module:function` taking the stage: True when, on a Ray korch would start on this machine alone, the stage
+    runs in the driver and uses no Ray at all. `korch run` then starts no Ray for it (`korch.train.job.needs_ray`)."""
 
     def load_runner(self) -> Callable:
         return _load(self.runner)
+
+    def needs_ray_locally(self, stage) -> bool:
+        return self.runs_in_driver is None or not _load(self.runs_in_driver)(stage)
 
     def load_trainer(self) -> type:
         if self.trainer is None:
@@ -82,7 +88,7 @@ def _register_builtin() -> None:
         train_runner, options=ClassifyOptions, trainer="korch.tasks.classify:ClassifyTask", rows="labelled"))
     register_task(TaskInfo(
         "data_prepare", "Clean, sentence-split and pack a raw corpus into parquet shards plus manifest.json.",
-        "korch.data.stage:run_prepare_stage", rows="none"))
+        "korch.data.stage:run_prepare_stage", rows="none", runs_in_driver="korch.data.stage:prepares_in_driver"))
     register_task(TaskInfo(
         "ensemble", "Soft voting over trained classifiers (the stages in `needs`): each member's best of swa/best/"
         "final on the validation split, weights by score, uniform or fitted log-loss; writes an `ensemble/` folder "
