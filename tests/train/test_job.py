@@ -167,6 +167,14 @@ def test_only_stages_that_use_ray_start_it(tmp_path, monkeypatch):
     assert needs_ray(prepare, None)
 
 
+def test_the_embedding_jobs_vocab_expansion_runs_before_ray_starts(monkeypatch):
+    from korch.train.job import needs_ray
+
+    job = load_job(Path(__file__).resolve().parents[2] / "jobs" / "embedding_expansion.yaml")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert [needs_ray(stage, None) for stage in job.stages] == [False, True, True, True]
+
+
 def test_a_data_only_job_on_a_laptop_never_starts_ray(tmp_path, monkeypatch):
     import ray
 

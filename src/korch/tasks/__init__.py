@@ -49,6 +49,11 @@ def _load(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def always_in_driver(stage) -> bool:
+    """`runs_in_driver` of a task that never uses Ray (it works in the driver process whatever the machine)."""
+    return True
+
+
 TASKS: dict[str, TaskInfo] = {}
 
 
@@ -99,7 +104,8 @@ def _register_builtin() -> None:
     register_task(TaskInfo(
         "vocab_expand", "Add frequent Korean morphemes (kiwipiepy counts over data.inputs) to the parent's WordPiece "
         "vocabulary; new embedding rows start as the mean of the old pieces they replace. No training.",
-        "korch.tasks.vocab_expand:run_vocab_expand_stage", options=VocabExpandOptions, rows="none"))
+        "korch.tasks.vocab_expand:run_vocab_expand_stage", options=VocabExpandOptions, rows="none",
+        runs_in_driver="korch.tasks:always_in_driver"))
     register_task(TaskInfo(
         "simcse", "Contrastive sentence embeddings: unsupervised (dropout positives) or supervised (KorNLI "
         "entailment positives, contradiction hard negatives), negatives gathered across workers; cls/mean/idf pooling; "

@@ -53,7 +53,7 @@ def local_cpus_needed(job: JobConfig) -> int:
 def needs_ray(stage: StageConfig, address: str | None) -> bool:
     """Whether `korch run` must have Ray up before this stage. Ray starts at the first stage that needs it and
     stays up. On a machine korch runs alone, a stage its task runs in the driver (a data_prepare stage under 4
-    CPUs) goes first without one: an idle local Ray keeps ~0.06 of a core busy (GCS, raylet, agents, idle
+    CPUs, vocab_expand) goes first without one: an idle local Ray keeps ~0.06 of a core busy (GCS, raylet, agents, idle
     workers) beside the stage's Kiwi threads, and a job of such stages starts no Ray at all. Joining a cluster
     (`--address`, RAY_ADDRESS) always connects first: the data stage's pool runs on the cluster."""
     if address or os.environ.get("RAY_ADDRESS"):
