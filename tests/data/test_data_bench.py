@@ -34,6 +34,7 @@ def test_bench_prints_one_json_line(corpus_dir, capsys):
     for key in ("single_docs_per_s", "linecache_docs_per_s", "korch_docs_per_s", "kiwi_mt_docs_per_s", "ratio"):
         assert result[key] > 0
     assert set(result["peak_rss_mb"]) == {"single", "linecache", "korch", "kiwi_mt"}
+    assert len(result["korch_over_kiwi_mt_by_round"]) == 1 and result["korch_over_kiwi_mt_by_round"][0] > 0
 
 
 def test_rss_counts_workers_not_cluster_daemons():
