@@ -68,19 +68,24 @@ def inline_kiwi_threads(free_cpus: float, one_local_node: bool, actors: int | No
     return kiwi_threads or max(1, math.floor(free_cpus))
 
 
+def _inline_threads_here(data) -> int | None:
+    """`inline_kiwi_threads` on this machine alone (no Ray running: korch would start one here)."""
+    return inline_kiwi_threads(float(os.cpu_count() or 1), True, data.preprocess_actors, data.actor_cpus,
+                               data.kiwi_threads)
+
+
 def inline_here(data) -> bool:
     """True when, with no Ray running, korch preprocesses `data` in the driver (no pool) on this machine."""
-    return inline_kiwi_threads(float(os.cpu_count() or 1), True, data.preprocess_actors, data.actor_cpus,
-                               data.kiwi_threads) is not None
+    return _inline_threads_here(data) is not None
 
 
 def pipeline_kiwi_threads(data) -> int | None:
     """`inline_kiwi_threads` for this machine or the connected Ray cluster; reads Ray only if it is running."""
-    if data.preprocess_actors is not None or data.actor_cpus is not None:
-        return None  # set values ask for a pool; do not start Ray just to find that out
     ray = sys.modules.get("ray")  # a Ray never imported is not running: spare the driver's Kiwi its ~0.5 s import
-    if ray is None or not ray.is_initialized():  # korch would start a Ray on this machine alone
-        return inline_kiwi_threads(float(os.cpu_count() or 1), True, kiwi_threads=data.kiwi_threads)
+    if ray is None or not ray.is_initialized():
+        return _inline_threads_here(data)
+    if data.preprocess_actors is not None or data.actor_cpus is not None:
+        return None  # set values ask for a pool
     cpus, one_local_node = _free_cpus()
     return inline_kiwi_threads(cpus, one_local_node, kiwi_threads=data.kiwi_threads)
 
