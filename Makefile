@@ -7,7 +7,7 @@ quickstart:
 
 test:
 	scripts/install.sh test
-	.venv/bin/python -m pytest
+	scripts/test.sh
 
 docs:
 	.venv/bin/python -m korch.docs --write README.md
