@@ -4,9 +4,11 @@
 #
 # Why: on a 2-core machine the slow tests leave the CPUs idle about a quarter of the time (Ray and its workers
 # starting, controllers polling, processes exiting; vmstat's mean idle was 26% over a serial run), and the
-# in-process tests fill much of it: 20 min 50 s instead of 23 min 9 s. The slow tests stay in one process
-# because they share session fixtures (the quickstart run) that a second process would build again; moving
-# the cluster tests beside them as well gained nothing (20 min 30 s), since the CPUs were then busy throughout.
+# in-process tests use some of it. The gain is about a minute, not their whole 2.5 minutes: in a fresh clone the
+# suite took 22 min 49 s against 23 min 9 s serial, on a machine running the later, uncontended tests ~3%
+# slower, while the cluster tests that ran beside the in-process ones took ~100 s longer. The slow tests stay in
+# one process because they share session fixtures (the quickstart run) that a second process would build again;
+# moving the cluster tests beside them as well gained nothing (the CPUs were then busy throughout).
 # pytest-xdist's `--dist loadgroup` could express the split with marks, but with pytest 9.2 it silently
 # ignores them (it renames `item._nodeid`, which pytest no longer reads) and the quickstart ran twice.
 #
