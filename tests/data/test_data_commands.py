@@ -32,14 +32,65 @@ def test_cli_missing_input_is_exit_2_naming_the_path(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_cli_prepare_with_no_surviving_document_is_exit_2_saying_why(tmp_path, capsys):
+def test_cli_prepare_with_no_surviving_document_is_exit_2_saying_why(tmp_path, tokenizer_dir, capsys):
     corpus = tmp_path / "short.txt"
     corpus.write_text("짧다\n")
-    code = main(["data", "prepare", str(corpus), "--output", str(tmp_path / "p"), "--seq-len", "64", "--quiet"])
+    code = main(["data", "prepare", str(corpus), "--output", str(tmp_path / "p"), "--seq-len", "64", "--quiet",
+                 "--tokenizer", tokenizer_dir])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"korch: error: {corpus}: no document survived (1 read; skipped: too_short 1); "
                                  "check the inputs, min_doc_chars and max_line_chars"]
     assert load_manifest(str(tmp_path / "p"))["docs_out"] == 0  # what was written stays, for a look
+
+
+def test_cli_prepare_saves_no_tokenizer_learned_from_nothing(tmp_path, capsys):
+    # Before: a tokenizer of the 5 special tokens was saved into OUTPUT/tokenizer and reused by the next run, so
+    # fixing the config gave shards of [UNK] ids with exit 0.
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"body": "한국어 문장입니다. 두 번째 문장도 조금 더 길게 써 봅니다."}, ensure_ascii=False) + "\n")
+    out = tmp_path / "p"
+    assert main(["data", "prepare", str(corpus), "--output", str(out), "--seq-len", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"korch: error: {corpus}: no document survived (1 read; skipped: no_text_field 1); check the "
+                   "inputs, format, text_fields, min_doc_chars and max_line_chars"]
+    assert not out.exists()  # no tokenizer for the fixed run to pick up
+
+
+def test_no_tokenizer_is_learned_from_no_text(tmp_path, make_cfg):
+    from korch.config import StageConfig
+    from korch.data.readers import vocabulary_texts
+    from korch.data.stage import resolve_tokenizer_dir
+    from korch.data.tokenizer import train_wordpiece
+    from korch.errors import NoTextError, UserError
+
+    empty, blank = tmp_path / "empty", tmp_path / "blank.txt"
+    empty.mkdir()
+    blank.write_text("\n\n")
+    with pytest.raises(NoTextError, match="no text to learn a WordPiece vocabulary"):
+        train_wordpiece(iter(["", "  "]), str(tmp_path / "tok"), 100, 1)
+    assert not (tmp_path / "tok").exists()
+    with pytest.raises(UserError, match=r"no corpus files found in .*empty \(ignored: none\)"):
+        list(vocabulary_texts([str(empty)], make_cfg(inputs=[str(empty)])))
+    with pytest.raises(UserError, match=r"blank.txt: no document survived \(0 read; skipped: none\)"):
+        list(vocabulary_texts([str(blank)], make_cfg(inputs=[str(blank)])))
+    # A task's own texts (labelled columns) are named by the stage and its data.inputs.
+    stage = StageConfig(name="cls", task="data_prepare", data=make_cfg(inputs=[str(blank)]))
+    with pytest.raises(NoTextError, match=r"stage cls: data.inputs \(.*blank.txt\) gave no text"):
+        resolve_tokenizer_dir(stage, SimpleNamespace(), tmp_path / "stage_tok", texts=lambda: iter([]))
+    assert not (tmp_path / "stage_tok").exists()
+
+
+@pytest.mark.parametrize("command", [["tokenizer", "train"], ["data", "coref"], ["bench", "data", "--corpus"]])
+def test_cli_commands_on_a_corpus_without_text_are_exit_2(tmp_path, tokenizer_dir, capsys, command):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n")
+    out = tmp_path / "out"
+    extra = [] if command[0] == "bench" else ["--output", str(out)]
+    extra += ["--tokenizer", tokenizer_dir] if command[1] == "coref" else []  # coref's own check, past the tokenizer
+    assert main([*command, str(blank), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "blank.txt" in err[0] and ("no document" in err[0] or "no documents" in err[0]), err
+    assert not out.exists()
 
 
 def test_cli_bad_config_field_is_exit_2(corpus_dir, tmp_path, capsys):
@@ -78,7 +129,7 @@ def test_train_wordpiece_keeps_hangul_and_special_tokens(corpus_dir, tmp_path, p
     assert json.loads((Path(out) / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
 
 
-def test_a_stage_on_data_with_no_rows_says_what_became_of_the_documents(tmp_path, capsys):
+def test_a_stage_on_data_with_no_rows_says_what_became_of_the_documents(tmp_path, tokenizer_dir, capsys):
     # Before: "each worker gets 0 rows, fewer than one optimizer step needs", with no word of why.
     from korch.config import load_job
     from korch.errors import UserError
@@ -87,10 +138,11 @@ def test_a_stage_on_data_with_no_rows_says_what_became_of_the_documents(tmp_path
     corpus = tmp_path / "short.txt"
     corpus.write_text("짧다\n")
     prepared = tmp_path / "p"
-    assert main(["data", "prepare", str(corpus), "--output", str(prepared), "--seq-len", "64", "--quiet"]) == 2
+    assert main(["data", "prepare", str(corpus), "--output", str(prepared), "--seq-len", "64", "--quiet",
+                 "--tokenizer", tokenizer_dir]) == 2
     job = tmp_path / "job.yaml"
     job.write_text(f"name: j\nstages:\n  - {{name: mlm, task: mlm, data: {{inputs: [{prepared}], seq_len: 64}}, "
-                   f"tokenizer: {{path: {prepared / 'tokenizer'}}}}}\n")
+                   f"tokenizer: {{path: {tokenizer_dir}}}}}\n")
     with pytest.raises(UserError, match=r"stage mlm: no training rows in .*p \(1 documents read; skipped: "
                                         r"too_short 1\); check data.inputs"):
         run_training_stage(load_job(str(job)).stage("mlm"), StageContext(stage_dir=tmp_path / "stage"))

@@ -58,6 +58,11 @@ def write_corpus(sources: list[str], out_dir: str, copies: int, max_docs: int | 
 
     cfg = DataConfig(inputs=sources, max_docs=max_docs)
     docs = list(iter_documents(list(cfg.inputs), cfg))
+    if not docs:
+        from korch.errors import UserError
+
+        raise UserError(f"--corpus {' '.join(sources)}: no documents to benchmark; give corpus files or folders "
+                        "(txt, jsonl, parquet, wiki)")
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for copy in range(copies):

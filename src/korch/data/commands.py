@@ -46,23 +46,19 @@ def build_data_config(inputs: list[str], config_file: str | None, overrides: dic
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .pipeline import check_counts, describe_skips, prepare_corpus
-    from .readers import iter_documents
+    from .pipeline import check_counts, prepare_corpus
+    from .readers import corpus_files, describe_skips, vocabulary_texts
     from .tokenizer import train_wordpiece
 
     cfg = build_data_config(args.inputs, args.config, {"seq_len": args.seq_len, "format": args.format})
-    from .readers import expand_inputs
-
-    expand_inputs(cfg.inputs, cfg.format)  # a file that is not UTF-8 fails here, before a tokenizer is trained
+    corpus_files(list(cfg.inputs), cfg.format)  # no corpus, or a file that is not UTF-8: fail before a tokenizer is trained
     output = os.path.abspath(args.output)
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:
         tokenizer_dir = os.path.join(output, "tokenizer")
         if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
             print(f"[korch] no --tokenizer given: training a WordPiece vocabulary ({args.vocab_size}) into {tokenizer_dir}", flush=True)
-            import itertools
-
-            docs = itertools.islice(iter_documents(list(cfg.inputs), cfg), args.tokenizer_docs)
+            docs = vocabulary_texts(list(cfg.inputs), cfg, args.tokenizer_docs)
             train_wordpiece(docs, tokenizer_dir, args.vocab_size, 2, "whitespace")
     elif not os.path.isdir(tokenizer_dir):
         raise UserError(f"--tokenizer '{tokenizer_dir}' is not a folder; give a Hugging Face tokenizer folder or leave it out")
@@ -85,15 +81,12 @@ def _tokenizer_for(output: str, tokenizer_dir: str | None, cfg, vocab_size: int,
     if tokenizer_dir is None:
         tokenizer_dir = os.path.join(output, "tokenizer")
         if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-            import itertools
-
-            from .readers import iter_documents
+            from .readers import vocabulary_texts
             from .tokenizer import train_wordpiece
 
             print(f"[korch] no --tokenizer given: training a WordPiece vocabulary ({vocab_size}) into {tokenizer_dir}",
                   flush=True)
-            train_wordpiece(itertools.islice(iter_documents(list(cfg.inputs), cfg), docs), tokenizer_dir, vocab_size, 2,
-                            pre_tokenize)
+            train_wordpiece(vocabulary_texts(list(cfg.inputs), cfg, docs), tokenizer_dir, vocab_size, 2, pre_tokenize)
     elif not os.path.isdir(tokenizer_dir):
         raise UserError(f"--tokenizer '{tokenizer_dir}' is not a folder; give a Hugging Face tokenizer folder or leave it out")
     return tokenizer_dir

@@ -189,10 +189,12 @@ def build_coref_dataset(cfg, tokenizer_dir: str, output_dir: str, progress: bool
     `cfg` is a `DataConfig` (inputs, seq_len, validation_fraction, max_docs, reading and cleaning options)."""
     import sys
 
+    from korch.errors import UserError
+
     from .pipeline import FORMAT_VERSION, SPLITS, is_prepared, load_manifest
     from .preprocess import special_ids
-    from .readers import iter_documents
-    from .text import is_validation, text_hash
+    from .readers import corpus_files, describe_skips, iter_documents
+    from .text import DOC_REASONS, is_validation, text_hash
 
     output_dir = os.path.abspath(output_dir)
     settings = {"inputs": list(cfg.inputs), "seq_len": cfg.seq_len, "validation_fraction": cfg.validation_fraction,
@@ -201,6 +203,7 @@ def build_coref_dataset(cfg, tokenizer_dir: str, output_dir: str, progress: bool
         old = load_manifest(output_dir)
         if old.get("kind") == KIND and old.get("settings") == settings:
             return old
+    corpus_files(list(cfg.inputs), cfg.format)
     started = time.perf_counter()
     cls_id, sep_id = special_ids(tokenizer_dir)
     encoder = DocumentMentions(tokenizer_dir)
@@ -223,11 +226,18 @@ def build_coref_dataset(cfg, tokenizer_dir: str, output_dir: str, progress: bool
             for row in buffers[split].add(block):
                 writers[split].write(row)
 
-    for docs, text in enumerate(iter_documents(list(cfg.inputs), cfg), start=1):
+    skipped: collections.Counter = collections.Counter()
+    for docs, text in enumerate(iter_documents(list(cfg.inputs), cfg, skipped), start=1):
         split = "validation" if is_validation(text_hash(text), cfg.validation_fraction) else "train"
         write(split, packers[split].add(docs - 1, *encoder.encode(text)))
         if progress and docs % 100 == 0:
             print(f"korch data coref: {docs} docs, {sum(mentions.values())} mentions", file=sys.stderr, flush=True)
+    if not docs:  # the inputs or the filters are wrong; an earlier dataset in the folder stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.listdir(output_dir):  # the folder was made for this run only
+            os.rmdir(output_dir)
+        raise UserError(f"{', '.join(cfg.inputs)}: no document survived ({sum(skipped[r] for r in DOC_REASONS)} read; "
+                        f"skipped: {describe_skips(skipped)}); check the inputs, format, text_fields and min_doc_chars")
     splits, shards = {}, []
     for s in SPLITS:
         write(s, packers[s].flush())

@@ -43,7 +43,7 @@ from korch.errors import UserError
 
 from .packing import Packer
 from .pool import PoolShape, cluster_pool_shape, local_pool_shape, pipeline_kiwi_threads
-from .readers import Chunk, chunk_to_dict, expand_inputs, filesystem, plan_chunks
+from .readers import Chunk, chunk_to_dict, corpus_files, describe_skips, filesystem, plan_chunks
 from .shards import ShardWriter
 from .text import DOC_REASONS, FILE_REASONS, LINE_REASONS
 
@@ -104,11 +104,6 @@ def load_manifest(path: str) -> dict:
         raise UserError(f"'{path}' is not a prepared corpus (no manifest.json); run `korch data prepare` on it") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {manifest}: {exc}; delete the folder and prepare again") from None
-
-
-def describe_skips(skipped: dict) -> str:
-    """`too_short 3, duplicate 1` (reasons with a count), or `none`."""
-    return ", ".join(f"{reason} {n}" for reason, n in sorted((skipped or {}).items()) if n) or "none"
 
 
 def check_shards(manifest: dict, prepared_dir: str) -> None:
@@ -274,10 +269,7 @@ def prepare_corpus(cfg, tokenizer_dir: str, output_dir: str, seed: int = 42, pro
     tokenizer_dir = str(tokenizer_dir)
     output_dir = os.path.abspath(str(output_dir))
     ignored: list[str] = []
-    files = expand_inputs(cfg.inputs, cfg.format, ignored)
-    if not files:
-        raise UserError(f"no corpus files found in {', '.join(cfg.inputs)} (ignored: {', '.join(ignored) or 'none'}); "
-                        "name the files or use --format")
+    files = corpus_files(list(cfg.inputs), cfg.format, ignored)
     fingerprint = build_fingerprint(cfg, files, tokenizer_dir)
     if is_prepared(output_dir):
         old = load_manifest(output_dir)

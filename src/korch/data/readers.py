@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from korch.config import is_uri
 from korch.errors import UserError
 
-from .text import clean_document, text_hash
+from .text import DOC_REASONS, clean_document, text_hash
 
 EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
               ".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv"}
@@ -210,6 +210,21 @@ def expand_inputs(inputs: Iterable[str], fmt: str = "auto", ignored: list[str] |
                 continue
             files.append(_source(fs, entry.path, _rejoin(item, entry.path), fmt, entry.size))
     return files
+
+
+def corpus_files(inputs: list[str], fmt: str = "auto", ignored: list[str] | None = None) -> list[SourceFile]:
+    """`expand_inputs`, but a `UserError` naming the inputs (and what was ignored) when they hold no corpus file."""
+    ignored = ignored if ignored is not None else []
+    files = expand_inputs(inputs, fmt, ignored)
+    if not files:
+        raise UserError(f"no corpus files found in {', '.join(inputs)} (ignored: {', '.join(ignored) or 'none'}); "
+                        "name the files or use --format")
+    return files
+
+
+def describe_skips(skipped: dict) -> str:
+    """`too_short 3, duplicate 1` (reasons with a count), or `none`."""
+    return ", ".join(f"{reason} {n}" for reason, n in sorted((skipped or {}).items()) if n) or "none"
 
 
 def _glob(fs: pafs.FileSystem, pattern: str) -> list[pafs.FileInfo]:
@@ -514,3 +529,21 @@ def iter_documents(inputs: list[str], cfg, skipped: collections.Counter | None =
 
 def chunk_to_dict(chunk: Chunk) -> dict:
     return asdict(chunk)
+
+
+def vocabulary_texts(inputs: list[str], cfg, limit: int | None = None) -> Iterator[str]:
+    """`iter_documents` (at most `limit`) for learning a tokenizer's vocabulary, with a `UserError` naming the
+    inputs and the skip counts when no document survives. It is raised mid-training, so nothing is saved: a
+    tokenizer of special tokens alone would be kept and reused, and turn a later, fixed run's text into [UNK]."""
+    corpus_files(inputs, cfg.format)
+    skipped: collections.Counter = collections.Counter()
+    produced = 0
+    for text in iter_documents(inputs, cfg, skipped):
+        yield text
+        produced += 1
+        if limit is not None and produced >= limit:
+            return
+    if not produced:
+        read = sum(skipped[r] for r in DOC_REASONS)
+        raise UserError(f"{', '.join(inputs)}: no document survived ({read} read; skipped: {describe_skips(skipped)}); "
+                        "check the inputs, format, text_fields, min_doc_chars and max_line_chars")

@@ -20,16 +20,23 @@ def resolve_tokenizer_dir(stage, ctx, out_dir: Path, texts=None) -> str:
             return str(candidate)
     if os.path.isfile(out_dir / "tokenizer.json"):
         return str(out_dir)
-    from .readers import iter_documents
+    from korch.errors import NoTextError
+
+    from .readers import vocabulary_texts
     from .tokenizer import train_wordpiece
 
     settings = stage.tokenizer
     print(f"[korch] {stage.name}: training a WordPiece tokenizer (vocab {settings.vocab_size}, "
           f"{settings.pre_tokenize}) on {len(stage.data.inputs)} input(s)", flush=True)
-    docs = texts() if texts is not None else iter_documents(list(stage.data.inputs), stage.data)
-    if settings.max_docs is not None:
-        docs = itertools.islice(docs, settings.max_docs)
-    return train_wordpiece(docs, str(out_dir), settings.vocab_size, settings.min_frequency, settings.pre_tokenize)
+    if texts is None:
+        docs = vocabulary_texts(list(stage.data.inputs), stage.data, settings.max_docs)
+    else:
+        docs = texts() if settings.max_docs is None else itertools.islice(texts(), settings.max_docs)
+    try:
+        return train_wordpiece(docs, str(out_dir), settings.vocab_size, settings.min_frequency, settings.pre_tokenize)
+    except NoTextError:
+        raise NoTextError(f"stage {stage.name}: data.inputs ({', '.join(stage.data.inputs)}) gave no text to learn a "
+                          "tokenizer from; check data.inputs and the text field settings") from None
 
 
 def prepares_in_driver(stage) -> bool:

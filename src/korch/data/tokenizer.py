@@ -164,7 +164,12 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, min_fre
     counter.normalizer = normalizers.NFC()
     counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     stream = _morpheme_texts(texts) if pre_tokenize == "morphemes" else texts
-    vocab = learn_wordpiece_vocab(count_words(stream, counter), vocab_size, min_frequency)
+    counts = count_words(stream, counter)
+    if not counts:  # special tokens alone would map every later text to [UNK]; never save such a tokenizer
+        from korch.errors import NoTextError
+
+        raise NoTextError(f"no text to learn a WordPiece vocabulary from for {out_dir}; check the inputs")
+    vocab = learn_wordpiece_vocab(counts, vocab_size, min_frequency)
 
     tokenizer = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(vocab)}, unk_token="[UNK]",
                                            continuing_subword_prefix=PREFIX))

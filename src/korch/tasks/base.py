@@ -37,9 +37,9 @@ class TrainTask:
     @classmethod
     def training_texts(cls, stage: "StageConfig") -> Iterable[str]:
         """Texts to train a tokenizer on when the stage has none to reuse."""
-        from korch.data.readers import iter_documents
+        from korch.data.readers import vocabulary_texts
 
-        return iter_documents(list(stage.data.inputs), stage.data)
+        return vocabulary_texts(list(stage.data.inputs), stage.data)
 
     @classmethod
     def prepare_data(cls, stage: "StageConfig", ctx: Any, tokenizer_dir: str) -> str:

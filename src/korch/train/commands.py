@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 
 
@@ -73,10 +72,10 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         # Name the flag (or INPUT) each message is about: pydantic's own loc is the config field.
         raise UserError("; ".join(f"{_flag(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
                                   for e in exc.errors())) from None
-    from korch.data.readers import iter_documents
+    from korch.data.readers import vocabulary_texts
     from korch.data.tokenizer import train_wordpiece
 
-    train_wordpiece(itertools.islice(iter_documents(list(data.inputs), data), settings.max_docs), args.output,
+    train_wordpiece(vocabulary_texts(list(data.inputs), data, settings.max_docs), args.output,
                     vocab_size=settings.vocab_size, min_frequency=settings.min_frequency,
                     pre_tokenize=settings.pre_tokenize)
     print(f"[korch] tokenizer saved to {args.output}")

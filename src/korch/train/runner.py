@@ -56,7 +56,7 @@ def _ray_run_name(stage_dir: Path, new: bool) -> str:
 
 def _why_empty(manifest: dict) -> str:
     """What the prepared manifest says became of the input: ` (3 documents read; skipped: too_short 3)`."""
-    from korch.data.pipeline import describe_skips
+    from korch.data.readers import describe_skips
 
     if manifest.get("docs_in") is None:  # a manifest kind that does not count documents
         return ""
