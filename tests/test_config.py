@@ -156,6 +156,19 @@ def test_a_misspelled_task_option_exits_2_naming_the_field(tmp_path, capsys, tas
     assert len(err) == 1 and f"stages.{stage}.{section}.{typo}" in err[0] and f"did you mean '{allowed}'" in err[0]
 
 
+@pytest.mark.parametrize("override, allowed", [
+    ("stages.mlm.eval.embed.pairz=x", "did you mean 'pairs'? allowed: diff_max, limit, pairs, sim_min"),
+    ("stages.mlm.distributed.deepspeed.zero_stag=1", "did you mean 'zero_stage'? allowed: offload_optimizer, "
+                                                     "offload_params, precision, zero_stage"),
+])
+def test_a_misspelled_key_in_a_nested_section_lists_that_sections_keys(tmp_path, capsys, override, allowed):
+    # Before: the stage's keys were listed for any section below a stage's own (eval.embed, distributed.deepspeed).
+    assert main(["validate", _write(tmp_path, GOOD.format(data=DATA / "kowiki_sample")), "--set", override]) == 2
+    path, _ = override.split("=")
+    line = f"{path}: unknown key '{path.split('.')[-1]}'; {allowed}"
+    assert any(err.endswith(line) for err in capsys.readouterr().err.strip().splitlines())
+
+
 def test_a_section_for_another_task_is_an_error(tmp_path, capsys):
     path = _write(tmp_path, GOOD.format(data=DATA / "kowiki_sample"))
     assert main(["validate", path, "--set", "stages.mlm.classify.pooling=max"]) == 2

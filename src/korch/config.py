@@ -546,7 +546,8 @@ def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job
         raise SpecError(str(path), format_validation_error(exc, raw)) from None
 
 
-def format_validation_error(exc: ValidationError, raw: Any) -> list[str]:
+def format_validation_error(exc: ValidationError, raw: Any, root: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem, located by stage name; `root` is the model validated (default: a job)."""
     lines = []
     for err in exc.errors(include_url=False):
         loc = _readable_loc(err["loc"], raw)
@@ -554,7 +555,7 @@ def format_validation_error(exc: ValidationError, raw: Any) -> list[str]:
         if message.startswith("Value error, "):
             message = message[len("Value error, "):]
         if err["type"] == "extra_forbidden":
-            message = _unknown_key_message(err["loc"], raw)
+            message = _unknown_key_message(err["loc"], root or JobConfig)
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
             message += f" (got {err['input']!r})"
         lines.append(f"{loc or '(top level)'}: {message}")
@@ -575,23 +576,47 @@ def _readable_loc(loc: tuple, raw: Any) -> str:
     return ".".join(parts)
 
 
-_SECTIONS: dict[str, type[BaseModel]] = {
-    "model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig, "train": TrainConfig,
-    "eval": EvalConfig, "distributed": DistributedConfig, "deepspeed": DeepSpeedConfig, **TASK_SECTIONS,
-}
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The spec models a field can hold, through `| None`, lists, dict values, unions and `Annotated`."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
 
 
-def _unknown_key_message(loc: tuple, raw: Any) -> str:
+def _union_tag(model: type[BaseModel]) -> Any:
+    """A discriminated union member's tag (`uniform` for `type: Literal["uniform"]`), else None."""
+    import typing
+
+    field = model.model_fields.get("type")
+    args = typing.get_args(field.annotation) if field is not None else ()
+    return args[0] if len(args) == 1 else None
+
+
+def _model_at(root: type[BaseModel], path: tuple) -> type[BaseModel] | None:
+    """The model that `path` (a pydantic error location) leads to: a field name goes into its model, a list index
+    or dict key stays, and a union's tag (`params.lr.uniform`) picks that member. None if ambiguous."""
+    models = [root]
+    for part in path:
+        if not isinstance(part, str):
+            continue
+        tagged = [m for m in models if _union_tag(m) == part]
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        if tagged:
+            models = tagged
+        elif fields:
+            models = [model for f in fields for model in _models_in(f.annotation)]
+    return models[0] if len(models) == 1 else None
+
+
+def _unknown_key_message(loc: tuple, root: type[BaseModel]) -> str:
     import difflib
 
     key = str(loc[-1])
-    parent = [p for p in loc[:-1] if isinstance(p, str)]
-    if not parent:
-        model: type[BaseModel] = JobConfig
-    elif parent == ["stages"]:
-        model = StageConfig
-    else:
-        model = _SECTIONS.get(parent[-1], StageConfig)
+    model = _model_at(root, loc[:-1])
+    if model is None:
+        return f"unknown key '{key}'"
     allowed = sorted(model.model_fields)
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""

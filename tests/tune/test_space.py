@@ -39,7 +39,11 @@ def test_focal_space_fits_the_tiny_job(monkeypatch):
     ("metric: f1\nmode: max\nparams: {train.lr: {type: uniform, low: 1, high: 0.1}}", r"params\.train\.lr: low 1\.0 must be below high 0\.1"),
     ("metric: f1\nmode: max\nparams: {train.lr: {type: loguniform, low: 0, high: 1}}", r"loguniform needs low > 0"),
     ("metric: f1\nmode: max\nparams: {train.lr: {type: normal, low: 0, high: 1}}", r"`type` must be one of uniform"),
-    ("metric: f1\nmode: max\nparams: {train.lr: {type: uniform, lo: 0, high: 1}}", r"unknown key 'lo'"),
+    # The allowed keys are the range's own (they were a job's: name, stages, tracking).
+    ("metric: f1\nmode: max\nparams: {train.lr: {type: uniform, lo: 0, high: 1}}",
+     r"params\.train\.lr\.lo: unknown key 'lo'; did you mean 'low'\? allowed: high, low, type"),
+    ("metric: f1\nmode: max\nashaa: {}\nparams: {train.lr: {type: uniform, low: 0, high: 1}}",
+     r"ashaa: unknown key 'ashaa'; did you mean 'asha'\? allowed: asha, metric, mode, params, startup_trials"),
     ("metric: f1\nmode: max\nparams: {train.lr: {type: fixed, value: 0.1}}", r"params are all `fixed`"),
     ("metric: f1\nmode: max\nparams: {train.lr: {type: choice, values: [1]}}", r"params\.train\.lr\.values: List should have at least 2"),
     ("metric: f1\nparams: {train.lr: {type: choice, values: [1, 2]}}", r"mode: Field required"),

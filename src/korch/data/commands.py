@@ -42,7 +42,7 @@ def build_data_config(inputs: list[str], config_file: str | None, overrides: dic
     try:
         return DataConfig.model_validate(raw)
     except ValidationError as exc:
-        raise UserError("\n".join(f"{source}: {p}" for p in format_validation_error(exc, raw))) from None
+        raise UserError("\n".join(f"{source}: {p}" for p in format_validation_error(exc, raw, DataConfig))) from None
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:

@@ -130,7 +130,7 @@ def load_space(path: str | os.PathLike) -> SpaceConfig:
 
 def _space_errors(exc: ValidationError, raw: dict) -> list[str]:
     lines = []
-    for line in format_validation_error(exc, raw):
+    for line in format_validation_error(exc, raw, SpaceConfig):
         # A discriminated union adds the tag to the location (params.x.uniform.low): drop it.
         for tag in ("uniform", "loguniform", "int", "choice", "fixed"):
             line = line.replace(f".{tag}.", ".").replace(f".{tag}:", ":")
