@@ -85,3 +85,19 @@ def test_grid_points_go_into_one_study_in_order_and_a_resume_continues_them():
     given += [resumed.suggest(f"r{i}") for i in range(2)]
     assert resumed.suggest("r2") == Searcher.FINISHED
     assert [t.params for t in study.get_trials(deepcopy=False)] == points
+
+
+def test_a_storage_url_that_cannot_open_fails_before_the_campaign_records_it(tmp_path, monkeypatch):
+    # Before: campaign.json kept the bad URL, so neither a rerun (--resume wanted) nor --resume --storage GOOD
+    # (another URL than the campaign's) could go on; and the labelled data was tokenised first.
+    from pathlib import Path
+
+    from korch.errors import UserError
+    from korch.tune.campaign import TuneRequest, run_campaign
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the job's data paths are relative to the repo root
+    request = TuneRequest(job="jobs/nsmc_tiny.yaml", space="tune_spaces/focal_smoothing_lr.yaml",
+                          runs_dir=str(tmp_path), time_budget=3600, storage="bogus://nowhere")
+    with pytest.raises(UserError, match=r"--storage bogus://nowhere: cannot open the study storage"):
+        run_campaign(request)
+    assert not (tmp_path / "nsmc-tiny").exists()

@@ -125,7 +125,7 @@ def run_campaign(req: TuneRequest) -> dict:
 
 def _open_campaign(campaign_dir: Path, req: TuneRequest, stage_name: str, space) -> dict:
     """A new campaign writes campaign.json; `--resume` needs one. The study location never changes mid-campaign."""
-    from korch.tune.study import default_storage
+    from korch.tune.study import default_storage, open_storage
 
     record = campaign_dir / CAMPAIGN
     if record.exists() and not req.resume:
@@ -143,6 +143,8 @@ def _open_campaign(campaign_dir: Path, req: TuneRequest, stage_name: str, space)
                             "drop --storage or give that URL")
         state["sessions"] += 1
     else:
+        if req.storage:  # a URL that cannot be opened fails now: recorded in campaign.json, no rerun could fix it
+            open_storage(req.storage)
         campaign_dir.mkdir(parents=True, exist_ok=True)
         state = {"stage": stage_name, "space": space.model_dump(mode="json"), "seed": req.seed, "sessions": 1,
                  "storage": req.storage or default_storage(campaign_dir), "sampler": req.sampler}
