@@ -129,6 +129,9 @@ def test_status_and_dry_run_show_stale_stages(stand_in, tmp_path):
     plan = plan_job(_job(first_lr=2e-3), job_dir)
     assert plan_table(_job(first_lr=2e-3), plan) == "first: skip (unchanged)\nsecond: re-run (first's output changed)"
     assert describe_plan(_job(first_lr=2e-3), plan) == ["second: first's output changed; re-running second"]
+    # --dry-run with --stage and --fresh / --from-checkpoint says what such a run does (it ignored them before)
+    assert plan_table(_job(first_lr=2e-3), plan, only=["second"], start_over="--fresh") == \
+        "first: not run (not a --stage)\nsecond: run (--fresh)"
 
 
 def test_korch_status_cli_prints_the_table(stand_in, tmp_path, capsys):

@@ -18,12 +18,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from korch.train.console import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
-    if args.dry_run:
+    if args.dry_run:  # what `run_job` would do with the same flags, and the same checks of them
         from pathlib import Path
 
         from korch.train.plan import plan_job, plan_table
+        from korch.train.runner import StageContext, apply_from_checkpoint
 
-        print(plan_table(job, plan_job(job, Path(args.runs_dir).resolve() / job.name, args.from_stage)))
+        if args.from_checkpoint:
+            apply_from_checkpoint(StageContext(stage_dir=Path(args.runs_dir)), args.from_checkpoint)
+        start_over = "--fresh" if args.fresh else (f"from {args.from_checkpoint}" if args.from_checkpoint else None)
+        plan = plan_job(job, Path(args.runs_dir).resolve() / job.name, args.from_stage)
+        print(plan_table(job, plan, only=args.stage or None, start_over=start_over))
         return 0
     summaries = run_job(job, args.runs_dir, address=args.address, fresh=args.fresh,
                         from_checkpoint=args.from_checkpoint, only=args.stage or None, from_stage=args.from_stage)

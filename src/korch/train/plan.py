@@ -103,12 +103,20 @@ def describe_plan(job: JobConfig, plan: dict[str, Decision]) -> list[str]:
     return lines
 
 
-def plan_table(job: JobConfig, plan: dict[str, Decision]) -> str:
-    """`korch run --dry-run`: one line per stage, what it would do and why."""
+def plan_table(job: JobConfig, plan: dict[str, Decision], only: list[str] | None = None,
+               start_over: str | None = None) -> str:
+    """`korch run --dry-run`: one line per stage, what it would do and why. `only`: the `--stage` names;
+    `start_over`: why every stage that runs starts from scratch whatever it left (`--fresh`, `--from-checkpoint`)."""
     words = {"skip": "skip (unchanged)", "resume": "resume", "run": "run", "rerun": "re-run",
              "restart": "start over (unfinished)"}
     lines = []
     for stage in job.stages:
+        if only and stage.name not in only:
+            lines.append(f"{stage.name}: not run (not a --stage)")
+            continue
+        if start_over:
+            lines.append(f"{stage.name}: run ({start_over})")
+            continue
         decision = plan[stage.name]
         why = "; ".join(_changed(reason) for reason in decision.reasons)
         lines.append(f"{stage.name}: {words[decision.action]}" + (f" ({why})" if why else ""))
