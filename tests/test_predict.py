@@ -113,3 +113,14 @@ def test_missing_model_folder_is_exit_2(input_tsv, tmp_path, capsys):
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
     assert main_args(["--model", str(tmp_path / "pickled"), "--input", str(input_tsv), "--output", "x.jsonl"]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_output_that_is_the_input_file_is_exit_2_and_the_input_stays(tmp_path, capsys):
+    # Before: the predictions replaced the input file (its text column gone) and exit 0.
+    reviews = tmp_path / "in.tsv"
+    reviews.write_text("id\tdocument\n1\t좋은 영화\n", encoding="utf-8")
+    before = reviews.read_bytes()
+    code = main_args(["--model", str(tmp_path / "any"), "--input", str(reviews), "--output", str(tmp_path / "." / "in.tsv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is the --input file" in err[0]
+    assert reviews.read_bytes() == before

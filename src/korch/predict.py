@@ -174,6 +174,9 @@ def predict(model_dir: str, input_path: str, output_path: str, workers: int = 2,
     if workers < 1 or batch_size < 1:
         raise UserError("--workers and --batch-size must be at least 1")
     model_dir = os.path.abspath(model_dir)
+    if os.path.exists(output_path) and os.path.exists(input_path) and os.path.samefile(output_path, input_path):
+        raise UserError(f"--output {output_path} is the --input file; predictions would replace it, so give another "
+                        "path")
     names, members = _load_members(model_dir)
     ids, texts, pairs, bad_lines = _read_input(input_path, text_column, text_pair_column, id_column, fmt, columns)
     if bad_lines:

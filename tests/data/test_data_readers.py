@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from korch.data.readers import expand_inputs, iter_documents, plan_chunks, read_chunk, sniff_format
+from korch.data.readers import check_output_apart, expand_inputs, iter_documents, plan_chunks, read_chunk, sniff_format
 from korch.errors import UserError
 
 
@@ -230,3 +230,14 @@ def test_labelled_records_and_pairs_check_the_encoding_too(tmp_path):
                       .encode("cp949"))
     with pytest.raises(UserError, match=r"sts.tsv: not UTF-8 text .* reads as CP949"):
         read_pairs(str(pairs))
+
+
+@pytest.mark.parametrize("output, where", [("corpus", "is"), ("corpus/prepared", "is inside"), (".", "holds")])
+def test_an_output_overlapping_an_input_is_refused(tmp_path, monkeypatch, output, where):
+    # An output folder inside a corpus folder is read back as corpus by the next run; one that holds the corpus
+    # can have its train/ and validation/ replaced.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(UserError, match=rf"^--output {output} {where} the input corpus; keep outputs apart"):
+        check_output_apart(["corpus", "s3://bucket/x", "other/*.txt"], output)
+    check_output_apart(["corpus"], "corpus-prepared")  # a sibling whose name starts alike is apart

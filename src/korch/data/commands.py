@@ -47,12 +47,13 @@ def build_data_config(inputs: list[str], config_file: str | None, overrides: dic
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .pipeline import check_counts, prepare_corpus
-    from .readers import corpus_files, describe_skips, vocabulary_texts
+    from .readers import check_output_apart, corpus_files, describe_skips, vocabulary_texts
     from .tokenizer import train_wordpiece
 
     cfg = build_data_config(args.inputs, args.config, {"seq_len": args.seq_len, "format": args.format})
     corpus_files(list(cfg.inputs), cfg.format)  # no corpus, or a file that is not UTF-8: fail before a tokenizer is trained
     output = os.path.abspath(args.output)
+    check_output_apart(list(cfg.inputs), output)
     tokenizer_dir = args.tokenizer
     if tokenizer_dir is None:
         tokenizer_dir = os.path.join(output, "tokenizer")
@@ -94,10 +95,12 @@ def _tokenizer_for(output: str, tokenizer_dir: str | None, cfg, vocab_size: int,
 
 def _cmd_coref(args: argparse.Namespace) -> int:
     from .coref import build_coref_dataset
+    from .readers import check_output_apart
 
     cfg = build_data_config(args.inputs, None, {"seq_len": args.seq_len, "max_docs": args.max_docs,
                                                 "validation_fraction": args.validation_fraction})
     output = os.path.abspath(args.output)
+    check_output_apart(list(cfg.inputs), output)
     tokenizer_dir = _tokenizer_for(output, args.tokenizer, cfg, args.vocab_size, args.tokenizer_docs, args.pre_tokenize)
     manifest = build_coref_dataset(cfg, tokenizer_dir, output, progress=not args.quiet)
     splits = manifest["splits"]

@@ -193,7 +193,7 @@ def build_coref_dataset(cfg, tokenizer_dir: str, output_dir: str, progress: bool
 
     from .pipeline import FORMAT_VERSION, SPLITS, is_prepared, load_manifest
     from .preprocess import special_ids
-    from .readers import corpus_files, describe_skips, iter_documents
+    from .readers import check_output_apart, corpus_files, describe_skips, iter_documents
     from .text import DOC_REASONS, is_validation, text_hash
 
     output_dir = os.path.abspath(output_dir)
@@ -204,6 +204,7 @@ def build_coref_dataset(cfg, tokenizer_dir: str, output_dir: str, progress: bool
         if old.get("kind") == KIND and old.get("settings") == settings:
             return old
     corpus_files(list(cfg.inputs), cfg.format)
+    check_output_apart(list(cfg.inputs), output_dir, "the coref data folder")
     started = time.perf_counter()
     cls_id, sep_id = special_ids(tokenizer_dir)
     encoder = DocumentMentions(tokenizer_dir)

@@ -43,7 +43,8 @@ from korch.errors import UserError
 
 from .packing import Packer
 from .pool import PoolShape, cluster_pool_shape, local_pool_shape, pipeline_kiwi_threads
-from .readers import Chunk, chunk_to_dict, corpus_files, describe_skips, filesystem, plan_chunks
+from .readers import (Chunk, check_output_apart, chunk_to_dict, corpus_files, describe_skips, filesystem,
+                      plan_chunks)
 from .shards import ShardWriter
 from .text import DOC_REASONS, FILE_REASONS, LINE_REASONS
 
@@ -270,6 +271,7 @@ def prepare_corpus(cfg, tokenizer_dir: str, output_dir: str, seed: int = 42, pro
     output_dir = os.path.abspath(str(output_dir))
     ignored: list[str] = []
     files = corpus_files(list(cfg.inputs), cfg.format, ignored)
+    check_output_apart(list(cfg.inputs), output_dir, "the prepared data folder")
     fingerprint = build_fingerprint(cfg, files, tokenizer_dir)
     if is_prepared(output_dir):
         old = load_manifest(output_dir)

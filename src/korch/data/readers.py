@@ -222,6 +222,20 @@ def corpus_files(inputs: list[str], fmt: str = "auto", ignored: list[str] | None
     return files
 
 
+def check_output_apart(inputs: list[str], output: str, flag: str = "--output") -> None:
+    """A `UserError` when `output` is one of the (local) inputs, or one holds the other: the run would overwrite
+    its own input, or later read its own output back as input."""
+    out = os.path.realpath(output)
+    for item in inputs:
+        if is_uri(item) or glob.has_magic(item):
+            continue
+        src = os.path.realpath(item)
+        if out == src or out.startswith(src.rstrip(os.sep) + os.sep) or src.startswith(out.rstrip(os.sep) + os.sep):
+            where = "is" if out == src else ("is inside" if len(out) > len(src) else "holds")
+            raise UserError(f"{flag} {output} {where} the input {item}; keep outputs apart from the inputs, so that "
+                            "no input is overwritten or read back as input")
+
+
 def describe_skips(skipped: dict) -> str:
     """`too_short 3, duplicate 1` (reasons with a count), or `none`."""
     return ", ".join(f"{reason} {n}" for reason, n in sorted((skipped or {}).items()) if n) or "none"

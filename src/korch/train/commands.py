@@ -77,9 +77,10 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         # Name the flag (or INPUT) each message is about: pydantic's own loc is the config field.
         raise UserError("; ".join(f"{_flag(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
                                   for e in exc.errors())) from None
-    from korch.data.readers import vocabulary_texts
+    from korch.data.readers import check_output_apart, vocabulary_texts
     from korch.data.tokenizer import train_wordpiece
 
+    check_output_apart(list(data.inputs), args.output)  # a tokenizer.json inside a corpus folder is read as corpus
     train_wordpiece(vocabulary_texts(list(data.inputs), data, settings.max_docs), args.output,
                     vocab_size=settings.vocab_size, min_frequency=settings.min_frequency,
                     pre_tokenize=settings.pre_tokenize)
