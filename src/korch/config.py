@@ -209,6 +209,12 @@ class EmbedEvalConfig(_Strict):
     limit: int | None = Field(default=None, ge=1)
     """Score only the first N pairs."""
 
+    @model_validator(mode="after")
+    def _thresholds_apart(self) -> "EmbedEvalConfig":
+        if self.diff_max >= self.sim_min:
+            raise ValueError(f"diff_max {self.diff_max:g} must be below sim_min {self.sim_min:g}")
+        return self
+
     @field_validator("pairs")
     @classmethod
     def _pairs_exist(cls, value: str) -> str:

@@ -95,7 +95,26 @@ def test_eval_embed_bad_paths_are_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--pairs" in err[0] and "cannot read it" in err[0]
     pairs = tmp_path / "pairs.tsv"
-    pairs.write_text("sentence1\tsentence2\tscore\n가\t나\t4.5\n")
+    pairs.write_text("sentence1\tsentence2\tscore\n가\t나\t4.5\n다\t라\t0.5\n")
     assert main(["eval", "embed", "--model", str(tmp_path), "--pairs", str(pairs)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no config.json there" in err[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "--limit 0: give at least 1"),  # it used to mean "every pair"
+    (["--sim-min", "6"], "sim_min 6: no pair in .* scores that high \\(scores run 0.5-4.5\\); lower it"),
+    (["--diff-max", "0.2"], "diff_max 0.2: no pair in .* scores that low"),
+    (["--sim-min", "2", "--diff-max", "3"], "diff_max 3 is not below sim_min 2"),
+])
+def test_eval_embed_thresholds_that_select_no_pair_are_exit_2(tmp_path, capsys, flags, message):
+    # Before: sim_mean and gap came out NaN, printed as `NaN`, which is not JSON, and a guard on it never fires.
+    import re
+
+    from korch.cli import main
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\n가\t나\t4.5\n다\t라\t0.5\n")
+    assert main(["eval", "embed", "--model", str(tmp_path), "--pairs", str(pairs), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err

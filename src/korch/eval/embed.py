@@ -81,7 +81,7 @@ def read_pairs(path: str, limit: int | None = None) -> Pairs:
             first.append(row[a])
             second.append(row[b])
             values.append(value)
-            if limit and len(first) >= limit:
+            if limit is not None and len(first) >= limit:
                 break
     if not first:
         raise UserError(f"{path}: no pairs after the header")
@@ -270,9 +270,29 @@ def cosine_rows(a: "torch.Tensor", b: "torch.Tensor") -> list[float]:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist()
 
 
+def check_thresholds(pairs: Pairs, path: str, sim_min: float, diff_max: float) -> None:
+    """A `UserError` when no gold score is similar (>= sim_min) or none different (<= diff_max): sim_mean or
+    diff_mean, and so the gap a guard compares, would be NaN."""
+    if pairs.scores is None:
+        return
+    low, high = min(pairs.scores), max(pairs.scores)
+    if diff_max >= sim_min:
+        raise UserError(f"diff_max {diff_max:g} is not below sim_min {sim_min:g}; a pair cannot be both similar and "
+                        "different")
+    if high < sim_min:
+        raise UserError(f"sim_min {sim_min:g}: no pair in {path} scores that high (scores run {low:g}-{high:g}); "
+                        "lower it")
+    if low > diff_max:
+        raise UserError(f"diff_max {diff_max:g}: no pair in {path} scores that low (scores run {low:g}-{high:g}); "
+                        "raise it")
+
+
 def evaluate_folder(folder: str, pairs_path: str, sim_min: float = 4.0, diff_max: float = 1.0,
                     limit: int | None = None) -> dict:
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give at least 1, or leave it out to score every pair")
     pairs = read_pairs(pairs_path, limit)  # a bad pairs file fails before seconds of model loading
+    check_thresholds(pairs, pairs_path, sim_min, diff_max)
     model, tokenizer, pooling, max_length = load_encoder(folder)
     weights = load_token_weights(folder)
     first = encode(model, tokenizer, pairs.first, pooling, max_length, token_weights=weights)
