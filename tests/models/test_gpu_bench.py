@@ -74,3 +74,13 @@ def test_bench_gpu_bad_model_field_names_it(tmp_path, capsys):
     assert main(["bench", "gpu", "--job", str(job), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stages.mlm.model.size" in err and str(job) in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="only a machine without CUDA refuses")
+def test_bench_gpu_without_cuda_never_falls_back_to_the_cpu_unasked(capsys):
+    # Before: it timed the two base-size jobs at 1536/2048 tokens on the CPU, for the better part of an hour.
+    from korch.cli import main
+
+    assert main(["bench", "gpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device here" in err[0] and "--device cpu" in err[0]

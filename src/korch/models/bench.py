@@ -155,7 +155,13 @@ def run_bench(jobs: list[str], *, device: str | None = None, warmup: int = 3, st
               batches: list[int] | None = None) -> dict:
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not torch.cuda.is_available():
+        from korch.errors import UserError
+
+        # A base model at 1536 tokens takes minutes a step on a CPU: never fall back to it unasked.
+        raise UserError(f"{'--device cuda' if device else 'korch bench gpu'}: no CUDA device here (torch "
+                        f"{torch.__version__}); run it on a GPU machine, or give --device cpu to time the CPU")
+    device = device or "cuda"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
     matmul = _measure_matmul_tflops(torch, device)
@@ -193,7 +199,8 @@ def register(bench) -> None:
     p = bench.add_parser("gpu", help="a job's model on one GPU: tokens/s, MFU and peak memory of a training step")
     p.add_argument("--job", action="append", metavar="JOB.yaml",
                    help=f"job whose first model stage is measured (repeatable; default: {' '.join(DEFAULT_JOBS)})")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                   help="default cuda; without one, give cpu to time the CPU (slow)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--micro-batch-size", type=int, action="append",
