@@ -69,7 +69,12 @@ def test_no_tokenizer_is_learned_from_no_text(tmp_path, make_cfg):
     with pytest.raises(NoTextError, match="no text to learn a WordPiece vocabulary"):
         train_wordpiece(iter(["", "  "]), str(tmp_path / "tok"), 100, 1)
     assert not (tmp_path / "tok").exists()
-    with pytest.raises(UserError, match=r"no corpus files found in .*empty \(ignored: none\)"):
+    with pytest.raises(UserError, match=r"no corpus files found in .*empty \(ignored: none\); put corpus files there"):
+        list(vocabulary_texts([str(empty)], make_cfg(inputs=[str(empty)])))
+    # --format never widened a folder's listing, so the fix is a glob for what was passed over
+    (empty / "wiki.sample").write_text("문장입니다.\n")
+    (empty / "README.md").write_text("about\n")
+    with pytest.raises(UserError, match=r"name the others, e.g. with the glob '.*empty/\*\.sample'$"):
         list(vocabulary_texts([str(empty)], make_cfg(inputs=[str(empty)])))
     with pytest.raises(UserError, match=r"blank.txt: no document survived \(0 read; skipped: none\)"):
         list(vocabulary_texts([str(blank)], make_cfg(inputs=[str(blank)])))

@@ -218,8 +218,21 @@ def corpus_files(inputs: list[str], fmt: str = "auto", ignored: list[str] | None
     files = expand_inputs(inputs, fmt, ignored)
     if not files:
         raise UserError(f"no corpus files found in {', '.join(inputs)} (ignored: {', '.join(ignored) or 'none'}); "
-                        "name the files or use --format")
+                        + _name_them(ignored))
     return files
+
+
+def _name_them(ignored: list[str]) -> str:
+    """The fix when a folder held only files korch passed over: a glob for their most common extension."""
+    taken = ", ".join(sorted(EXTENSIONS))
+    exts = collections.Counter(os.path.splitext(path)[1] for path in ignored if os.path.splitext(path)[1] != ".md")
+    if not exts:
+        return f"put corpus files there (in a folder korch reads {taken} and extension-less files)"
+    ext = exts.most_common(1)[0][0]
+    example = next(path for path in ignored if path.endswith(ext))
+    pattern = os.path.join(os.path.dirname(example), "*" + ext)
+    return (f"in a folder korch reads only {taken} and extension-less files; name the others, e.g. with the "
+            f"glob '{pattern}'")
 
 
 def check_output_apart(inputs: list[str], output: str, flag: str = "--output") -> None:
