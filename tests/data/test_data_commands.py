@@ -151,3 +151,31 @@ def test_a_stage_on_data_with_no_rows_says_what_became_of_the_documents(tmp_path
     with pytest.raises(UserError, match=r"stage mlm: no training rows in .*p \(1 documents read; skipped: "
                                         r"too_short 1\); check data.inputs"):
         run_training_stage(load_job(str(job)).stage("mlm"), StageContext(stage_dir=tmp_path / "stage"))
+
+
+def test_an_unreadable_tokenizer_is_one_line_and_korchs_own_cut_short_cache_is_learned_again(tmp_path, tokenizer_dir,
+                                                                                             make_cfg, capsys):
+    # Before: a truncated tokenizer.json (a crash or a full disk while korch saved it) was reused and failed in
+    # `tokenizers` with a traceback, run after run; a bad --tokenizer folder did the same.
+    from korch.config import StageConfig
+    from korch.data.preprocess import special_ids
+    from korch.data.stage import resolve_tokenizer_dir
+    from korch.data.tokenizer import tokenizer_problem
+    from korch.errors import UserError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text(Path(tokenizer_dir, "tokenizer.json").read_text()[:100])
+    assert "is not a readable tokenizer (EOF while parsing" in tokenizer_problem(str(bad))
+    assert tokenizer_problem(tokenizer_dir) is None
+    with pytest.raises(UserError, match=r"bad/tokenizer.json is not a readable tokenizer \(EOF.*\); give a fast"):
+        special_ids(str(bad))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("한국어 문장입니다. 두 번째 문장도 조금 더 길게 써 봅니다.\n\n세 번째 문서는 여기에 있습니다.\n")
+    stage = StageConfig(name="s", task="data_prepare", data=make_cfg(inputs=[str(corpus)], min_doc_chars=1),
+                        tokenizer={"vocab_size": 100})
+    with pytest.raises(UserError, match=r"stage s: tokenizer.path: .*bad/tokenizer.json is not a readable"):
+        resolve_tokenizer_dir(stage.model_copy(update={"tokenizer": stage.tokenizer.model_copy(
+            update={"path": str(bad)})}), SimpleNamespace(), tmp_path / "unused")
+    assert resolve_tokenizer_dir(stage, SimpleNamespace(), bad) == str(bad)  # the stage's own cache: learned again
+    assert tokenizer_problem(str(bad)) is None and "training it again" in capsys.readouterr().out

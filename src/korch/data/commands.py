@@ -47,22 +47,13 @@ def build_data_config(inputs: list[str], config_file: str | None, overrides: dic
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .pipeline import check_counts, prepare_corpus
-    from .readers import check_output_apart, corpus_files, describe_skips, vocabulary_texts
-    from .tokenizer import train_wordpiece
+    from .readers import check_output_apart, corpus_files, describe_skips
 
     cfg = build_data_config(args.inputs, args.config, {"seq_len": args.seq_len, "format": args.format})
     corpus_files(list(cfg.inputs), cfg.format)  # no corpus, or a file that is not UTF-8: fail before a tokenizer is trained
     output = os.path.abspath(args.output)
     check_output_apart(list(cfg.inputs), output)
-    tokenizer_dir = args.tokenizer
-    if tokenizer_dir is None:
-        tokenizer_dir = os.path.join(output, "tokenizer")
-        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-            print(f"[korch] no --tokenizer given: training a WordPiece vocabulary ({args.vocab_size}) into {tokenizer_dir}", flush=True)
-            docs = vocabulary_texts(list(cfg.inputs), cfg, args.tokenizer_docs)
-            train_wordpiece(docs, tokenizer_dir, args.vocab_size, 2, "whitespace")
-    elif not os.path.isdir(tokenizer_dir):
-        raise UserError(f"--tokenizer '{tokenizer_dir}' is not a folder; give a Hugging Face tokenizer folder or leave it out")
+    tokenizer_dir = _tokenizer_for(output, args.tokenizer, cfg, args.vocab_size, args.tokenizer_docs)
     manifest = prepare_corpus(cfg, tokenizer_dir, output, progress=not args.quiet)
     problems = check_counts(manifest)
     summary = {k: manifest[k] for k in ("docs_in", "docs_out", "tokens", "rows", "skipped", "splits")}
@@ -80,8 +71,14 @@ def _tokenizer_for(output: str, tokenizer_dir: str | None, cfg, vocab_size: int,
                    pre_tokenize: str = "whitespace") -> str:
     """`--tokenizer`, else one trained on the inputs into OUTPUT/tokenizer (reused when already there)."""
     if tokenizer_dir is None:
+        from .tokenizer import tokenizer_problem
+
         tokenizer_dir = os.path.join(output, "tokenizer")
-        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+        cached = os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json"))
+        problem = tokenizer_problem(tokenizer_dir) if cached else None
+        if problem:  # korch's own, cut short by a crash or a full disk: learn it again
+            print(f"[korch] {problem}; training it again", flush=True)
+        if not cached or problem:
             from .readers import vocabulary_texts
             from .tokenizer import train_wordpiece
 

@@ -13,17 +13,27 @@ def resolve_tokenizer_dir(stage, ctx, out_dir: Path, texts=None) -> str:
     A trained one is cached in `<stage_dir>/tokenizer/` and reused when the stage runs again. `texts`, a
     callable returning an iterable of strings, replaces the corpus reader (labelled tasks train on their texts).
     """
-    candidates = (getattr(ctx, "tokenizer_dir", None), stage.tokenizer.path, getattr(ctx, "start_from", None),
-                  stage.model.pretrained)
-    for candidate in candidates:
-        if candidate and os.path.isfile(os.path.join(candidate, "tokenizer.json")):
-            return str(candidate)
-    if os.path.isfile(out_dir / "tokenizer.json"):
-        return str(out_dir)
-    from korch.errors import NoTextError
+    from korch.errors import NoTextError, UserError
 
     from .readers import vocabulary_texts
-    from .tokenizer import train_wordpiece
+    from .tokenizer import tokenizer_problem, train_wordpiece
+
+    candidates = (("the parent stage's tokenizer", getattr(ctx, "tokenizer_dir", None)),
+                  ("tokenizer.path", stage.tokenizer.path), ("the start checkpoint", getattr(ctx, "start_from", None)),
+                  ("model.pretrained", stage.model.pretrained))
+    for what, candidate in candidates:
+        if candidate and os.path.isfile(os.path.join(candidate, "tokenizer.json")):
+            problem = tokenizer_problem(str(candidate))
+            if problem:
+                raise UserError(f"stage {stage.name}: {what}: {problem}; give a fast (Rust) Hugging Face tokenizer "
+                                "folder")
+            return str(candidate)
+    if os.path.isfile(out_dir / "tokenizer.json"):
+        problem = tokenizer_problem(str(out_dir))
+        if problem is None:
+            return str(out_dir)
+        # korch's own cache, cut short (a crash or a full disk mid-save): learn it again rather than fail on it
+        print(f"[korch] {stage.name}: {problem}; training it again", flush=True)
 
     settings = stage.tokenizer
     print(f"[korch] {stage.name}: training a WordPiece tokenizer (vocab {settings.vocab_size}, "

@@ -24,6 +24,20 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PREFIX = "##"
 
 
+def tokenizer_problem(folder: str) -> str | None:
+    """Why `folder/tokenizer.json` cannot be loaded (missing, truncated, not a tokenizer), or None if it loads."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return f"{folder} has no tokenizer.json"
+    try:
+        Tokenizer.from_file(path)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for bad JSON or a bad model
+        return f"{path} is not a readable tokenizer ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+    return None
+
+
 def _morpheme_texts(texts: Iterable[str]) -> Iterator[str]:
     """Texts with Kiwi morphemes separated by spaces, so WordPiece learns pieces that respect morphemes."""
     from kiwipiepy import Kiwi
