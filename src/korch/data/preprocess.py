@@ -50,9 +50,9 @@ def special_ids(tokenizer_dir: str) -> tuple[int, int]:
     """
     import json
 
-    from tokenizers import Tokenizer
-
     from korch.errors import UserError
+
+    from .tokenizer import load_tokenizer_json
 
     path = os.path.join(tokenizer_dir, "tokenizer.json")
     if not os.path.isfile(path):
@@ -69,11 +69,9 @@ def special_ids(tokenizer_dir: str) -> tuple[int, int]:
             if isinstance(value, str):
                 names[key] = value
     try:
-        tokenizer = Tokenizer.from_file(path)
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception (truncated JSON, no model)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a readable tokenizer ({first}); give a fast (Rust) Hugging Face tokenizer "
-                        "folder") from None
+        tokenizer = load_tokenizer_json(tokenizer_dir)
+    except UserError as exc:
+        raise UserError(f"{exc}; give a fast (Rust) Hugging Face tokenizer folder") from None
     ids = [tokenizer.token_to_id(names[k]) for k in ("cls_token", "sep_token")]
     if None in ids:
         raise UserError(f"tokenizer '{tokenizer_dir}' has no {names['cls_token']}/{names['sep_token']} token; "

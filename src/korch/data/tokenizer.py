@@ -24,17 +24,31 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PREFIX = "##"
 
 
-def tokenizer_problem(folder: str) -> str | None:
-    """Why `folder/tokenizer.json` cannot be loaded (missing, truncated, not a tokenizer), or None if it loads."""
+def load_tokenizer_json(folder: str):
+    """`folder/tokenizer.json` as a `tokenizers.Tokenizer`; a `UserError` saying why when it cannot be loaded
+    (missing, cut short, not a tokenizer), instead of the bare `Exception` that `tokenizers` raises."""
     from tokenizers import Tokenizer
+
+    from korch.errors import UserError
 
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
-        return f"{folder} has no tokenizer.json"
+        raise UserError(f"{folder} has no tokenizer.json")
     try:
-        Tokenizer.from_file(path)
+        return Tokenizer.from_file(path)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for bad JSON or a bad model
-        return f"{path} is not a readable tokenizer ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable tokenizer ({first})") from None
+
+
+def tokenizer_problem(folder: str) -> str | None:
+    """Why `folder`'s tokenizer.json cannot be loaded, or None if it loads."""
+    from korch.errors import UserError
+
+    try:
+        load_tokenizer_json(folder)
+    except UserError as exc:
+        return str(exc)
     return None
 
 
