@@ -59,3 +59,64 @@ def test_seq_len_too_small():
     with pytest.raises(ValueError, match="seq_len"):
         pack_documents([], seq_len=2, cls_id=CLS, sep_id=SEP)
 
+
+
+def _pack_one_sentence_at_a_time(docs, seq_len):
+    """The packer before sentences that fit were placed together: the reference for the test below."""
+    import bisect
+
+    capacity, blocks = seq_len - 2, []
+    block = {"ids": [], "doc_starts": [], "sent_starts": [], "word_starts": [], "doc_id": None}
+
+    def emit():
+        nonlocal block
+        blocks.append({"input_ids": [CLS] + block["ids"] + [SEP], "doc_id": block["doc_id"],
+                       "doc_starts": block["doc_starts"], "sentence_starts": block["sent_starts"],
+                       "word_starts": block["word_starts"]})
+        block = {"ids": [], "doc_starts": [], "sent_starts": [], "word_starts": [], "doc_id": None}
+
+    for doc_id, ids, sent_starts, word_starts in docs:
+        bounds, words, w, first = list(sent_starts) + [len(ids)], sorted(word_starts), 0, True
+        for s, e in zip(bounds, bounds[1:]):
+            if e <= s:
+                continue
+            if block["ids"] and e - s > capacity - len(block["ids"]) and e - s <= capacity:
+                emit()
+            pos = s
+            while pos < e:
+                if len(block["ids"]) == capacity:
+                    emit()
+                if block["doc_id"] is None:
+                    block["doc_id"] = doc_id
+                offset = len(block["ids"]) + 1
+                if first:
+                    block["doc_starts"].append(offset)
+                    first = False
+                if pos == s:
+                    block["sent_starts"].append(offset)
+                take = min(e - pos, capacity - len(block["ids"]))
+                lo = bisect.bisect_left(words, pos, w)
+                w = bisect.bisect_left(words, pos + take, lo)
+                block["word_starts"].extend(x + offset - pos for x in words[lo:w])
+                block["ids"].extend(ids[pos:pos + take])
+                pos += take
+    if block["ids"]:
+        emit()
+    return blocks
+
+
+def test_placing_sentences_that_fit_together_gives_the_blocks_of_one_at_a_time():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        docs = []
+        for doc_id in range(rng.randint(1, 6)):
+            lengths = [rng.choice([0, 1, 2, 5, 9, 14, 30]) for _ in range(rng.randint(0, 12))]
+            doc_id, ids, starts, _ = _doc(doc_id, lengths)
+            if rng.random() < 0.2:
+                starts = sorted(starts, reverse=True)  # out of order: placed one at a time, as before
+            words = sorted(rng.sample(range(len(ids) + 1), min(len(ids) + 1, rng.randint(0, 20))))
+            docs.append((doc_id, ids, starts, words))
+        seq_len = rng.choice([3, 4, 8, 16, 40])
+        assert pack_documents(docs, seq_len, CLS, SEP) == _pack_one_sentence_at_a_time(docs, seq_len)

@@ -35,13 +35,38 @@ class Packer:
         """Add one document; yield the blocks it completes."""
         bounds = list(sent_starts) + [len(ids)]
         words = sorted(word_starts)
+        in_order = bounds == sorted(bounds)
         w = 0  # words[:w] are placed (or fell in skipped empty sentences)
         first = True
-        for s, e in zip(bounds, bounds[1:]):
+        k, last = 0, len(bounds) - 1
+        while k < last:
+            s, e = bounds[k], bounds[k + 1]
             if e <= s:
+                k += 1
                 continue
             length = e - s
-            if self.ids and length > self.capacity - len(self.ids) and length <= self.capacity:
+            space = self.capacity - len(self.ids)
+            if in_order and length <= space:
+                # This sentence fits whole, and so may the next ones: place every sentence up to the last that
+                # fits in one go (the same as one at a time, with a few list operations per block instead of
+                # per sentence: packing ran ~45k sentences through here on the bench corpus).
+                j = bisect.bisect_right(bounds, s + space, k + 1, last + 1) - 1
+                end = bounds[j]
+                if self.doc_id is None:
+                    self.doc_id = doc_id
+                offset = len(self.ids) + 1  # +1 for [CLS]
+                if first:
+                    self.doc_starts.append(offset)
+                    first = False
+                shift = offset - s
+                self.sent_starts.extend([bounds[m] + shift for m in range(k, j) if bounds[m + 1] > bounds[m]])
+                lo = bisect.bisect_left(words, s, w)
+                w = bisect.bisect_left(words, end, lo)
+                self.word_starts.extend([start + shift for start in words[lo:w]])
+                self.ids.extend(ids[s:end])
+                k = j
+                continue
+            if self.ids and length > space and length <= self.capacity:  # it starts the next block instead
                 yield self._emit()
             pos = s
             while pos < e:
@@ -62,6 +87,7 @@ class Packer:
                 self.word_starts.extend([start + shift for start in words[lo:w]])
                 self.ids.extend(ids[pos:pos + take])
                 pos += take
+            k += 1
 
     def flush(self) -> Iterator[dict]:
         if self.ids:
