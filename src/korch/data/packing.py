@@ -51,19 +51,9 @@ class Packer:
                 # fits in one go (the same as one at a time, with a few list operations per block instead of
                 # per sentence: packing ran ~45k sentences through here on the bench corpus).
                 j = bisect.bisect_right(bounds, s + space, k + 1, last + 1) - 1
-                end = bounds[j]
-                if self.doc_id is None:
-                    self.doc_id = doc_id
-                offset = len(self.ids) + 1  # +1 for [CLS]
-                if first:
-                    self.doc_starts.append(offset)
-                    first = False
-                shift = offset - s
-                self.sent_starts.extend([bounds[m] + shift for m in range(k, j) if bounds[m + 1] > bounds[m]])
-                lo = bisect.bisect_left(words, s, w)
-                w = bisect.bisect_left(words, end, lo)
-                self.word_starts.extend([start + shift for start in words[lo:w]])
-                self.ids.extend(ids[s:end])
+                starts = [bounds[m] for m in range(k, j) if bounds[m + 1] > bounds[m]]
+                w = self._place(doc_id, ids, s, bounds[j], starts, words, w, first)
+                first = False
                 k = j
                 continue
             if self.ids and length > space and length <= self.capacity:  # it starts the next block instead
@@ -72,22 +62,27 @@ class Packer:
             while pos < e:
                 if len(self.ids) == self.capacity:
                     yield self._emit()
-                if self.doc_id is None:
-                    self.doc_id = doc_id
-                offset = len(self.ids) + 1  # +1 for [CLS]
-                if first:
-                    self.doc_starts.append(offset)
-                    first = False
-                if pos == s:
-                    self.sent_starts.append(offset)
                 take = min(e - pos, self.capacity - len(self.ids))
-                lo = bisect.bisect_left(words, pos, w)
-                w = bisect.bisect_left(words, pos + take, lo)
-                shift = offset - pos
-                self.word_starts.extend([start + shift for start in words[lo:w]])
-                self.ids.extend(ids[pos:pos + take])
+                w = self._place(doc_id, ids, pos, pos + take, [s] if pos == s else [], words, w, first)
+                first = False
                 pos += take
             k += 1
+
+    def _place(self, doc_id: int, ids: list[int], start: int, end: int, sentence_starts: list[int],
+               words: list[int], w: int, first: bool) -> int:
+        """Append ids[start:end] (sentences starting at `sentence_starts`) to the block; return the new `w`."""
+        if self.doc_id is None:
+            self.doc_id = doc_id
+        offset = len(self.ids) + 1  # +1 for [CLS]
+        if first:
+            self.doc_starts.append(offset)
+        shift = offset - start
+        self.sent_starts.extend([p + shift for p in sentence_starts])
+        lo = bisect.bisect_left(words, start, w)
+        w = bisect.bisect_left(words, end, lo)
+        self.word_starts.extend([p + shift for p in words[lo:w]])
+        self.ids.extend(ids[start:end])
+        return w
 
     def flush(self) -> Iterator[dict]:
         if self.ids:
