@@ -60,7 +60,6 @@ def test_seq_len_too_small():
         pack_documents([], seq_len=2, cls_id=CLS, sep_id=SEP)
 
 
-
 def _pack_one_sentence_at_a_time(docs, seq_len):
     """The packer before sentences that fit were placed together: the reference for the test below."""
     import bisect
