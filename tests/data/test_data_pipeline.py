@@ -221,3 +221,26 @@ def test_a_missing_truncated_or_short_shard_is_one_line_before_training(corpus_d
     short = {**manifest, "shards": [{**manifest["shards"][0], "rows": manifest["shards"][0]["rows"] + 1}]}
     with pytest.raises(UserError, match=r"holds \d+ rows where manifest.json says"):
         check_shards(short, str(out))
+
+
+def test_stopping_a_kiwi_stream_early_ends_its_thread_and_its_reading(corpus_copy, tokenizer_dir, make_cfg):
+    import threading
+
+    from korch.data.preprocess import DocumentProcessor
+    from korch.data.readers import expand_inputs, plan_chunks
+
+    cfg = make_cfg(inputs=[str(corpus_copy)], seq_len=32)
+    chunks = plan_chunks(expand_inputs(cfg.inputs, cfg.format), 64, collections.Counter()) * 30
+    pulled = []
+
+    def counted():
+        for chunk in chunks:
+            pulled.append(chunk)
+            yield chunk
+
+    stream = DocumentProcessor(cfg, tokenizer_dir, kiwi_threads=2).stream_columns(counted())
+    next(stream)  # what `max_docs` does: take what is needed, then close
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "korch-kiwi"]
+    # Kiwi reads ~16 paragraphs per thread ahead and the thread hands over 2 chunks ahead: a few chunks, not all
+    assert len(pulled) < len(chunks) / 2

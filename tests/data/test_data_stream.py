@@ -94,3 +94,41 @@ def test_columns_limit_what_is_read(prepared):
     plan = epoch_units(manifest, root, "train", 0, 0, 1)
     batch = next(iter_rank_batches(plan, 0, 1, 4, columns=("input_ids",)))
     assert set(batch) == {"input_ids", "row_id", "is_padding"}
+
+
+def _alive(name):
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+
+
+def test_read_ahead_hands_over_items_then_the_error_made_after_them():
+    from korch.data.stream import read_ahead
+
+    def items():
+        yield from (1, 2, 3)
+        raise ValueError("broken after three")
+
+    got = []
+    with pytest.raises(ValueError, match="broken after three"):
+        for item in read_ahead(items, depth=1, name="korch-test-ahead"):
+            got.append(item)
+    assert got == [1, 2, 3] and not _alive("korch-test-ahead")
+
+
+def test_closing_read_ahead_early_stops_its_thread():
+    import itertools
+
+    from korch.data.stream import read_ahead
+
+    made = []
+
+    def items():
+        for i in itertools.count():
+            made.append(i)
+            yield i
+
+    stream = read_ahead(items, depth=2, name="korch-test-ahead")
+    assert next(stream) == 0
+    stream.close()
+    assert not _alive("korch-test-ahead") and len(made) <= 5  # depth 2 ahead, not the endless rest

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from .readers import Chunk, read_chunk
+from .stream import read_ahead
 from .text import clean_document, is_validation, text_hash
 
 OUTPUT_SCHEMA = pa.schema([
@@ -246,20 +248,25 @@ class DocumentProcessor:
         stream of paragraphs.
 
         With several analyser threads, one call per chunk leaves them idle while this thread does WordPiece and
-        packing, and at each chunk's tail. One call over the whole stream keeps them busy: Kiwi reads ~16
-        paragraphs per thread ahead, so memory stays one chunk deep, and results come back in input order, so
-        the columns are those of the tables `process_chunks` gives. If Kiwi fails in the stream, the chunks it
-        had read and all later ones are redone chunk by chunk, where a failing batch is redone one document at a
-        time.
+        packing, and at each chunk's tail. One call over the whole stream keeps them busy, and it is pulled on a
+        thread of its own (`korch-kiwi`): Kiwi takes only ~16 paragraphs per analyser thread ahead of the
+        results taken from it, ~0.05 s of work, which WordPiece, packing or a parquet row group on the caller's
+        thread would outlast and so starve Kiwi. That thread hands over whole chunks' sentences, at most two
+        ahead, so memory stays a few chunks deep; results come back in input order, so the columns are those of
+        the tables `process_chunks` gives. If Kiwi fails in the stream, the chunks it had read and all later ones
+        are redone chunk by chunk here, where a failing batch is redone one document at a time.
         """
         chunks = iter(chunks)
         if self.kiwi is None:
             yield from map(self._chunk_columns, chunks)
             return
         read: collections.deque = collections.deque()  # (skip counts, texts, paragraphs) of chunks Kiwi has taken
+        closing = threading.Event()
 
         def paragraphs():
             for chunk in chunks:
+                if closing.is_set():  # the caller stopped early: read no further
+                    return
                 bad: collections.Counter = collections.Counter()
                 texts = self._read_clean(chunk, bad)
                 paras = [text.split("\n") for text in texts]
@@ -267,13 +274,9 @@ class DocumentProcessor:
                 for doc in paras:
                     yield from doc
 
-        ahead: collections.deque = collections.deque()  # a result pulled only to bring in the next chunk
-
-        def take(n: int) -> list:
-            return [ahead.popleft() if ahead else next(results) for _ in range(n)]
-
-        try:
+        def sentences_by_chunk():  # on the Kiwi thread
             results = iter(self._split(paragraphs()))
+            ahead: collections.deque = collections.deque()  # a result pulled only to bring in the next chunk
             while True:
                 if not read:  # Kiwi has not reached the next chunk yet: one result pulls it in, or the end
                     try:
@@ -282,14 +285,24 @@ class DocumentProcessor:
                         if not read:
                             return
                 bad, texts, paras = read[0]
-                found = [self._collect(doc, take(len(doc))) for doc in paras]
-                read.popleft()
+                found = [self._collect(doc, [ahead.popleft() if ahead else next(results) for _ in doc])
+                         for doc in paras]
+                read.popleft()  # only now: a chunk Kiwi failed in stays in `read`, to be redone
+                yield bad, texts, found
+
+        stream = read_ahead(sentences_by_chunk, depth=2, name="korch-kiwi")
+        try:
+            for bad, texts, found in stream:
                 yield build_columns(self._encode(texts, found, bad), bad)
         except Exception:  # noqa: BLE001 - Kiwi choked on some document: find it one chunk (then document) at a time
+            stream.close()  # the Kiwi thread has ended: `read` and `chunks` are this thread's again
             while read:
                 bad, texts, _ = read.popleft()
                 yield build_columns(self._encode(texts, self.sentences_of(texts), bad), bad)
             yield from map(self._chunk_columns, chunks)
+        finally:
+            closing.set()
+            stream.close()
 
     def _chunk_columns(self, chunk: Chunk) -> dict[str, list]:
         bad: collections.Counter = collections.Counter()

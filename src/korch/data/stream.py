@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import pyarrow as pa
+
+T = TypeVar("T")
 
 
 def rank_slices(plan: list[dict], rank: int, world_size: int) -> list[tuple[dict, int, int]]:
@@ -94,23 +96,28 @@ def _to_lists(table: pa.Table) -> dict[str, list]:
 
 def _read_ahead(pieces: list, columns, depth: int = 2) -> Iterator[pa.Table]:
     """Read the next row groups on a thread while the caller trains on the current one."""
-    if not pieces:
-        return
+    if pieces:
+        yield from read_ahead(lambda: (read_piece(unit, start, end, columns) for unit, start, end in pieces), depth)
+
+
+def read_ahead(items: Callable[[], Iterable[T]], depth: int = 2, name: str = "korch-read-ahead") -> Iterator[T]:
+    """The items of `items()`, made on a thread up to `depth` ahead of the caller. An error there is raised
+    here, after the items made before it. Closing this generator stops the thread after its current item."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for unit, start, end in pieces:
+            for item in items():
                 if stop.is_set():
                     return
-                slots.put(("table", read_piece(unit, start, end, columns)))
-        except BaseException as exc:  # handed to the consumer, which re-raises it in the training thread
+                slots.put(("item", item))
+        except BaseException as exc:  # handed to the consumer, which re-raises it in its own thread
             slots.put(("error", exc))
             return
         slots.put(("done", None))
 
-    thread = threading.Thread(target=produce, daemon=True, name="korch-read-ahead")
+    thread = threading.Thread(target=produce, daemon=True, name=name)
     thread.start()
     try:
         while True:
