@@ -285,8 +285,11 @@ class DocumentProcessor:
                         if not read:
                             return
                 bad, texts, paras = read[0]
-                found = [self._collect(doc, [ahead.popleft() if ahead else next(results) for _ in doc])
-                         for doc in paras]
+                found = []
+                for doc in paras:
+                    if closing.is_set():  # a stopped caller (Ctrl-C, max_docs) waits for a document, not a chunk
+                        return
+                    found.append(self._collect(doc, [ahead.popleft() if ahead else next(results) for _ in doc]))
                 read.popleft()  # only now: a chunk Kiwi failed in stays in `read`, to be redone
                 yield bad, texts, found
 
