@@ -244,3 +244,29 @@ def test_stopping_a_kiwi_stream_early_ends_its_thread_and_its_reading(corpus_cop
     assert not [t for t in threading.enumerate() if t.name == "korch-kiwi"]
     # Kiwi reads ~16 paragraphs per thread ahead and the thread hands over 2 chunks ahead: a few chunks, not all
     assert len(pulled) < len(chunks) / 2
+
+
+def test_an_error_after_kiwi_reaches_the_caller_instead_of_a_silent_redo(corpus_copy, tokenizer_dir, make_cfg):
+    import threading
+
+    from korch.data.preprocess import DocumentProcessor
+    from korch.data.readers import expand_inputs, plan_chunks
+
+    cfg = make_cfg(inputs=[str(corpus_copy)], seq_len=32)
+    chunks = plan_chunks(expand_inputs(cfg.inputs, cfg.format), 64, collections.Counter())
+    processor = DocumentProcessor(cfg, tokenizer_dir, kiwi_threads=2)
+    encode, calls = processor._encode, []
+
+    def failing_second_encode(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("wordpiece broke")
+        return encode(*args)
+
+    processor._encode = failing_second_encode
+    stream = processor.stream_columns(chunks)
+    next(stream)
+    # The Kiwi thread had already handed over later chunks: redoing from `read` would have skipped them unseen.
+    with pytest.raises(RuntimeError, match="wordpiece broke"):
+        next(stream)
+    assert not [t for t in threading.enumerate() if t.name == "korch-kiwi"]

@@ -295,10 +295,16 @@ class DocumentProcessor:
 
         stream = read_ahead(sentences_by_chunk, depth=2, name="korch-kiwi")
         try:
-            for bad, texts, found in stream:
-                yield build_columns(self._encode(texts, found, bad), bad)
-        except Exception:  # noqa: BLE001 - Kiwi choked on some document: find it one chunk (then document) at a time
-            stream.close()  # the Kiwi thread has ended: `read` and `chunks` are this thread's again
+            while True:
+                try:
+                    bad, texts, found = next(stream)
+                except StopIteration:
+                    return
+                except Exception:  # noqa: BLE001 - Kiwi choked on some document, on its thread, which has ended
+                    break
+                yield build_columns(self._encode(texts, found, bad), bad)  # its errors are the caller's to see
+            # `read` and `chunks` are this thread's again: find the document Kiwi chokes on one chunk (then one
+            # document) at a time.
             while read:
                 bad, texts, _ = read.popleft()
                 yield build_columns(self._encode(texts, self.sentences_of(texts), bad), bad)
