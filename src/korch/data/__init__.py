@@ -6,6 +6,8 @@ Modules, in data-flow order:
 - `text`: normalisation, cleaning, stable hashing, skip-reason names (pure).
 - `preprocess`: Kiwi sentence splitting / morphemes and WordPiece ids; `KoreanPreprocessor` is the Ray
   Data callable class (one `Kiwi` per actor).
+- `preencode`: when the driver runs Kiwi itself, a helper process WordPiece-encodes paragraphs while Kiwi
+  loads; sentences' ids are cut from them.
 - `packing`: document-aware packing into `seq_len` blocks (pure).
 - `shards`: parquet shard writer.
 - `pipeline`: `prepare_corpus` (Ray Data driver loop, manifest, idempotency) and `epoch_units`, the epoch's read plan.

@@ -235,12 +235,30 @@ def _ray_tables(chunks: list[Chunk], cfg, tokenizer_dir: str, pool: PoolShape) -
         ctx.enable_progress_bars = bars
 
 
-def _inline_tables(chunks: list[Chunk], cfg, tokenizer_dir: str, kiwi_threads: int) -> Iterator[dict]:
-    """The driver's own Kiwi, one thread per free CPU, fed one stream over all chunks (small machines, see `pool`)."""
+def _inline_tables(chunks: list[Chunk], cfg, tokenizer_dir: str, kiwi_threads: int, chunk_bytes: int,
+                   helper: bool = True) -> Iterator[dict]:
+    """The driver's own Kiwi, one thread per free CPU, fed one stream over all chunks (small machines, see `pool`).
+
+    With `helper`, WordPiece starts in a helper process before Kiwi is built (`preencode`), where the tokenizer
+    allows it and sentences are split; the shards are the same either way.
+    """
+    from .preencode import WordPieceAhead, sliceable
     from .preprocess import DocumentProcessor
 
-    processor = DocumentProcessor(cfg, tokenizer_dir, kiwi_threads=kiwi_threads)
-    yield from processor.stream_columns(chunks)
+    ahead = None
+    if helper and chunks and cfg.split_sentences and not cfg.morphemes and sliceable(_tokenizer_json(tokenizer_dir)):
+        ahead = WordPieceAhead(chunks, tokenizer_dir, cfg, chunk_bytes)
+    try:
+        processor = DocumentProcessor(cfg, tokenizer_dir, kiwi_threads=kiwi_threads)
+        yield from processor.stream_columns(chunks, ahead)
+    finally:
+        if ahead is not None:
+            ahead.close()
+
+
+def _tokenizer_json(tokenizer_dir: str) -> dict:
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _local_tables(chunks: list[Chunk], cfg, tokenizer_dir: str) -> Iterator[pa.Table]:
@@ -295,9 +313,10 @@ def prepare_corpus(cfg, tokenizer_dir: str, output_dir: str, seed: int = 42, pro
             pool = cluster_pool_shape(cfg)
         else:
             pool = local_pool_shape(cfg)
-        chunks = plan_chunks(files, chunk_bytes_for(total, pool.actors), skipped)
+        chunk_bytes = chunk_bytes_for(total, pool.actors)
+        chunks = plan_chunks(files, chunk_bytes, skipped)
         if inline_threads is not None:
-            tables = _inline_tables(chunks, cfg, tokenizer_dir, inline_threads)
+            tables = _inline_tables(chunks, cfg, tokenizer_dir, inline_threads, chunk_bytes)
         elif engine == "ray" and chunks:
             tables = _ray_tables(chunks, cfg, tokenizer_dir, pool._replace(actors=min(pool.actors, len(chunks))))
         else:

@@ -21,6 +21,7 @@ is a WordPiece `##` continuation. Either way the field is filled.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import threading
 from typing import Iterable, Iterator
@@ -28,6 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from .preencode import slice_document
 from .readers import Chunk, read_chunk
 from .stream import read_ahead
 from .text import clean_document, is_validation, text_hash
@@ -149,18 +151,27 @@ class DocumentProcessor:
         except Exception:  # noqa: BLE001 - one document Kiwi chokes on must not end the run
             return None
 
-    def _collect(self, paragraphs: list[str], results) -> tuple[list[str], list[list[int]]]:
-        sents, morph = [], []
+    def _collect(self, paragraphs: list[str], results) -> tuple[list[str], list[list[int]], list | None]:
+        """A document's kept sentences, their morpheme starts, and their char spans in the document's text
+        (paragraphs joined by newlines; None if a sentence is not the text at its offsets), which
+        `preencode.slice_document` cuts the helper's paragraph ids by."""
+        sents, morph, spans = [], [], []
+        base = 0
         for para, result in zip(paragraphs, results):
             if not self.cfg.split_sentences:
-                result_sents = [(para, 0, [t for s in result for t in (s.tokens or [])])]
+                result_sents = [(para, 0, len(para), [t for s in result for t in (s.tokens or [])])]
             else:
-                result_sents = [(s.text, s.start, s.tokens or []) for s in result]
-            for sent_text, start, tokens in result_sents:
+                result_sents = [(s.text, s.start, s.end, s.tokens or []) for s in result]
+            for sent_text, start, end, tokens in result_sents:
                 if sent_text.strip():
                     sents.append(sent_text)
                     morph.append(morpheme_starts(tokens, start) if tokens else [])
-        return sents, morph
+                    if spans is not None and para[start:end] == sent_text:
+                        spans.append((base + start, base + end))
+                    else:
+                        spans = None
+            base += len(para) + 1
+        return sents, morph, spans
 
     def process(self, docs: Iterable[str], bad: collections.Counter) -> dict[str, list]:
         """Columns of OUTPUT_SCHEMA (without the skip rows) for the documents that survive cleaning."""
@@ -185,45 +196,54 @@ class DocumentProcessor:
             return []
         return self._clean(docs, bad)
 
-    def _encode(self, texts: list[str], found: list, bad: collections.Counter) -> dict[str, list]:
-        """WordPiece ids, sentence and word starts of the cleaned `texts`, given their Kiwi sentences (`found`)."""
+    def _encode(self, texts: list[str], found: list, bad: collections.Counter, ahead=None) -> dict[str, list]:
+        """WordPiece ids, sentence and word starts of the cleaned `texts`, given their Kiwi sentences (`found`).
+
+        `ahead` (`preencode.ChunkTokens`, for these texts) holds their paragraphs' ids: a document whose
+        sentence edges all fall between words takes its sentences' ids from there, the rest are encoded here.
+        """
         cfg = self.cfg
-        kept_sents: list[list[str]] = []
-        kept_morph: list[list[list[int]]] = []
-        hashes: list[int] = []
-        for text, sentences in zip(texts, found):
+        kept: list[tuple] = []  # (hash, sentences, morpheme starts, ids cut from `ahead` or None)
+        for d, (text, sentences) in enumerate(zip(texts, found)):
             if sentences is None:
                 bad["preprocess_error"] += 1
                 continue
-            kept_sents.append(sentences[0])
-            kept_morph.append(sentences[1])
-            hashes.append(text_hash(text))
-        flat = [s for sents in kept_sents for s in sents]
+            cut = None
+            if ahead is not None and sentences[2] is not None:
+                cut = slice_document(*ahead.document(d), sentences[2], self.continuation)
+            kept.append((text_hash(text), sentences[0], sentences[1], cut))
+        flat = [s for _, sents, _, cut in kept if cut is None for s in sents]
         # `encode_batch_fast` skips the char offsets, which only morpheme word starts read.
         encode = self.backend.encode_batch if cfg.morphemes else self.backend.encode_batch_fast
         encodings = encode(flat, add_special_tokens=False) if flat else []
         out = {"ids": [], "sent_starts": [], "word_starts": [], "hash": [], "is_val": []}
         pos = 0
-        for sents, morph, h in zip(kept_sents, kept_morph, hashes):
+        for h, sents, morph, cut in kept:
             ids: list[int] = []
             sent_starts: list[int] = []
             word_starts: list[int] = []
-            for k in range(len(sents)):
-                enc = encodings[pos + k]
-                sent_ids = enc.ids  # a new list on every access
-                if not sent_ids:
-                    continue
-                sent_starts.append(len(ids))
-                if cfg.morphemes:
-                    starts = set(morph[k])
-                    word_starts.extend(len(ids) + i for i, (a, _) in enumerate(enc.offsets) if i == 0 or a in starts)
-                ids.extend(sent_ids)
-            pos += len(sents)
+            if cut is not None:
+                doc_ids, sent_starts = cut
+                ids = doc_ids.tolist()
+            else:
+                for k in range(len(sents)):
+                    enc = encodings[pos + k]
+                    sent_ids = enc.ids  # a new list on every access
+                    if not sent_ids:
+                        continue
+                    sent_starts.append(len(ids))
+                    if cfg.morphemes:
+                        starts = set(morph[k])
+                        word_starts.extend(len(ids) + i for i, (a, _) in enumerate(enc.offsets) if i == 0 or a in starts)
+                    ids.extend(sent_ids)
+                pos += len(sents)
+                doc_ids = None
             if not ids:
                 bad["empty"] += 1
                 continue
             if not cfg.morphemes:  # every token that is no ## continuation, over the whole document at once
-                word_starts = np.flatnonzero(~self.continuation[np.asarray(ids)]).tolist()
+                doc_ids = np.asarray(ids) if doc_ids is None else doc_ids
+                word_starts = np.flatnonzero(~self.continuation[doc_ids]).tolist()
             out["ids"].append(ids)
             out["sent_starts"].append(sent_starts)
             out["word_starts"].append(word_starts)
@@ -242,7 +262,7 @@ class DocumentProcessor:
                 cols[key].extend(part[key])
         return build_table(cols, bad)
 
-    def stream_columns(self, chunks: Iterable[Chunk]) -> Iterator[dict[str, list]]:
+    def stream_columns(self, chunks: Iterable[Chunk], helper=None) -> Iterator[dict[str, list]]:
         """`process_chunks([chunk])` for each chunk in turn, as columns (`build_columns`: the driver packs them
         in this process, so no Arrow table is built to be taken apart again), but Kiwi sees one continuous
         stream of paragraphs.
@@ -255,6 +275,9 @@ class DocumentProcessor:
         ahead, so memory stays a few chunks deep; results come back in input order, so the columns are those of
         the tables `process_chunks` gives. If Kiwi fails in the stream, the chunks it had read and all later ones
         are redone chunk by chunk here, where a failing batch is redone one document at a time.
+
+        `helper` (`preencode.WordPieceAhead`, started on the same chunks) gives chunks' paragraph ids it has
+        ready, so WordPiece mostly ran while Kiwi was loading; a chunk it has not done is encoded here.
         """
         chunks = iter(chunks)
         if self.kiwi is None:
@@ -295,14 +318,15 @@ class DocumentProcessor:
 
         stream = read_ahead(sentences_by_chunk, depth=2, name="korch-kiwi")
         try:
-            while True:
+            for k in itertools.count():
                 try:
                     bad, texts, found = next(stream)
                 except StopIteration:
                     return
                 except Exception:  # noqa: BLE001 - Kiwi choked on some document, on its thread, which has ended
                     break
-                yield build_columns(self._encode(texts, found, bad), bad)  # its errors are the caller's to see
+                tokens = helper.take(k, texts) if helper is not None else None
+                yield build_columns(self._encode(texts, found, bad, tokens), bad)  # its errors are the caller's to see
             # `read` and `chunks` are this thread's again: find the document Kiwi chokes on one chunk (then one
             # document) at a time.
             while read:
