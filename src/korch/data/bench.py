@@ -197,10 +197,13 @@ _CLUSTER_PROCESSES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "/dashboard
 
 
 def _is_ray_worker(argv: list[str], cmd: str) -> bool:
-    """Worker processes (idle workers, tasks, actors incl. Ray Data's own) but not raylet, GCS or agents.
+    """Worker processes (idle workers, tasks, actors incl. Ray Data's own) but not raylet, GCS or agents; and
+    korch's WordPiece helper process.
 
     raylet's own command line mentions default_worker.py (its worker template), so binaries are ruled out first.
     """
+    if argv[1:3] == ["-m", "korch.data.preencode"]:
+        return True
     head = " ".join(argv[:2])  # the program (and the script it runs), not flags that mention other parts
     if not argv or argv[0].endswith(("raylet", "gcs_server")) or any(name in head for name in _CLUSTER_PROCESSES):
         return False
