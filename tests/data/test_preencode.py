@@ -124,36 +124,37 @@ def _chunks(cfg, size):
     return plan_chunks(expand_inputs(cfg.inputs, cfg.format), size, collections.Counter())
 
 
-def test_the_helper_gives_each_chunk_once_and_stays_a_bounded_lead_ahead(corpus_dir, tokenizer_dir, make_cfg):
+def test_the_helper_stays_a_bounded_lead_ahead_and_stops_once_the_driver_begins(corpus_dir, tokenizer_dir, make_cfg):
+    import time
+
     from korch.data.preprocess import DocumentProcessor
 
     cfg = make_cfg(inputs=[str(corpus_dir)], seq_len=32)
     chunks = _chunks(cfg, 64)
     assert len(chunks) > 6
     processor = DocumentProcessor(cfg.model_copy(update={"split_sentences": False}), tokenizer_dir)
-    helper = WordPieceAhead(chunks, tokenizer_dir, cfg, chunk_bytes=1 << 40)
-    try:
-        import time
+    helper = WordPieceAhead(chunks, tokenizer_dir, cfg, chunk_bytes=1 << 40)  # a lead of 2 chunks
 
+    def made():
+        return sorted(n for n in os.listdir(helper.dir) if n[0].isdigit())
+
+    try:
         deadline = time.monotonic() + 60
-        while len([n for n in os.listdir(helper.dir) if n[0].isdigit()]) < 2:
+        while len(made()) < 2:
             assert helper.proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(0.5)  # two chunks ahead of the last one taken (none yet): it must now wait for the driver
-        assert sorted(n for n in os.listdir(helper.dir) if n[0].isdigit()) == ["0.pkl", "1.pkl"]
-        for k, chunk in enumerate(chunks):
-            texts = processor._read_clean(chunk, collections.Counter())
-            got = None
-            while got is None and time.monotonic() < deadline:
-                got = helper.take(k, texts) if os.path.exists(os.path.join(helper.dir, f"{k}.pkl")) else None
-                time.sleep(0.01)
-            want = encode_documents(processor.backend, texts)
-            assert all(np.array_equal(a, b) for a, b in zip(got, want))
-            assert helper.take(k, texts) is None  # taken once; a second ask is encoded in the driver
-        assert helper.take(0, ["other"]) is None
+        assert made() == ["0.pkl", "1.pkl"] and helper.proc.poll() is None
+        texts = [processor._read_clean(chunk, collections.Counter()) for chunk in chunks[:3]]
+        got = helper.take(0, texts[0])
+        assert all(np.array_equal(a, b) for a, b in zip(got, encode_documents(processor.backend, texts[0])))
+        assert helper.proc.wait(timeout=30) == 0  # the driver has begun: the helper is done
+        assert helper.take(0, texts[0]) is None  # taken once; a second ask is encoded in the driver
+        assert helper.take(1, ["other"]) is None  # not the driver's texts
+        assert helper.take(2, texts[2]) is None  # never made
     finally:
         helper.close()
-    assert not os.path.exists(helper.dir) and helper.proc.returncode is not None
+    assert not os.path.exists(helper.dir)
 
 
 def test_prepare_with_and_without_the_helper_writes_the_same_shards(corpus_copy, tokenizer_dir, make_cfg, tmp_path):
@@ -170,17 +171,14 @@ def test_prepare_with_and_without_the_helper_writes_the_same_shards(corpus_copy,
     used = []
     take = helper.take
 
-    def slow_take(k, texts):  # wait for the helper, so every chunk it can give is taken from it
-        import time
-
-        while not os.path.exists(os.path.join(helper.dir, f"{k}.pkl")) and helper.proc.poll() is None:
-            time.sleep(0.01)
+    def counted_take(k, texts):
         got = take(k, texts)
         used.append(got is not None)
         return got
 
-    helper.take = slow_take
+    helper.take = counted_take
     try:
+        assert helper.proc.wait(timeout=60) == 0  # all chunks made before the driver begins, as while Kiwi loads
         streamed = [pa.table(cols, schema=OUTPUT_SCHEMA) for cols in processor.stream_columns(chunks, helper)]
     finally:
         helper.close()

@@ -15,8 +15,11 @@ whose text the helper saw differently, is encoded sentence by sentence as before
 finished yet, or any failure of the helper, also just means the driver encodes that chunk itself, so the
 shards never depend on the helper's timing.
 
-The helper keeps at most `LEAD_BYTES` of input ahead of the chunk the driver last took, so a large corpus does
-not pile up in its files; each file is deleted once read.
+The helper works only until the driver takes its first chunk (Kiwi is then ready, and encoding in the driver
+costs less than the helper's reading, offsets and files); the chunks it finished by then are used, the rest are
+encoded in the driver. So on a large corpus it does not sit beside the driver's peak memory, and it never
+encodes more than `LEAD_BYTES` of input ahead (a slow Kiwi load does not pile up files); each file is deleted
+once read.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import numpy as np
 
 LEAD_BYTES = 16 << 20
 """Input the helper may encode ahead of the driver: ~2 s of one thread's WordPiece, the length of Kiwi's load."""
+
+_PARAGRAPHS_PER_CALL = 512
 
 _NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents", "BertNormalizer"}
 _PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
@@ -104,21 +109,26 @@ def encode_documents(backend, texts: list[str]) -> ChunkTokens:
             bases.append(base)
             base += len(para) + 1
         counts.append(len(paras))
-    encodings = backend.encode_batch(paragraphs, add_special_tokens=False) if paragraphs else []
-    ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
     sizes = np.zeros(len(paragraphs), dtype=np.int64)
-    for k, enc in enumerate(encodings):
-        para_ids = enc.ids
-        sizes[k] = len(para_ids)
-        ids.extend(para_ids)
-        offsets.extend(enc.offsets)
-    flat = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int32, count=2 * len(offsets))
+    id_parts, span_parts = [], []
+    for lo in range(0, len(paragraphs), _PARAGRAPHS_PER_CALL):  # a 4 MiB chunk's Encodings at once take ~100s of MB
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        batch = paragraphs[lo:lo + _PARAGRAPHS_PER_CALL]
+        for k, enc in enumerate(backend.encode_batch(batch, add_special_tokens=False), start=lo):
+            para_ids = enc.ids
+            sizes[k] = len(para_ids)
+            ids.extend(para_ids)
+            offsets.extend(enc.offsets)
+        id_parts.append(np.asarray(ids, dtype=np.int32))
+        span_parts.append(np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int32, count=2 * len(offsets)))
+    flat = np.concatenate(span_parts) if span_parts else np.zeros(0, dtype=np.int32)
     span = flat.reshape(-1, 2) + np.repeat(np.asarray(bases, dtype=np.int32), sizes)[:, None]
     para_bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # int even when empty
     doc_bounds = para_bounds[np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)]
     lengths = np.asarray([len(t) for t in texts], dtype=np.int64)
-    return ChunkTokens(lengths, doc_bounds, np.asarray(ids, dtype=np.int32), span[:, 0].copy(), span[:, 1].copy(),
+    all_ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int32)
+    return ChunkTokens(lengths, doc_bounds, all_ids, span[:, 0].copy(), span[:, 1].copy(),
                        _clean_gaps("\n".join(texts), lengths, doc_bounds, span))
 
 
@@ -255,8 +265,8 @@ def _helper(job_path: str) -> None:
             if k - taken <= job["lead"]:
                 break
             news = _taken(stdin, None)  # far enough ahead: wait for the driver to take a chunk
-        if k <= taken:  # the driver has already done this chunk itself
-            continue
+        if taken >= 0:  # Kiwi is ready and the driver has begun: from here it encodes faster than we would
+            return
         bad: collections.Counter = collections.Counter()
         try:
             texts = []
