@@ -48,7 +48,7 @@ def test_rss_counts_workers_not_cluster_daemons():
     assert not check(["/x/ray/core/src/ray/raylet/raylet", "--python_worker_command=python default_worker.py"])
     assert not check(["ray::DashboardAgent"]) and not check(["/x/gcs/gcs_server", "--port=1"])
     assert not check(["/venv/bin/python3", "/venv/ray/dashboard/dashboard.py", "--port=8265"])
-    assert check(["/venv/bin/python3", "-m", "korch.data.preencode", "/tmp/korch-wordpiece-x/job.pkl"])
+    assert check(["/venv/bin/python3", "-m", "korch.data.preencode", "/tmp/korch-wordpiece-x/job.json"])
 
 
 def test_bench_bad_corpus_is_one_line_before_any_engine(tmp_path, capsys):

@@ -144,7 +144,7 @@ def test_the_helper_stays_a_bounded_lead_ahead_and_stops_once_the_driver_begins(
             assert helper.proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(0.5)  # two chunks ahead of the last one taken (none yet): it must now wait for the driver
-        assert made() == ["0.pkl", "1.pkl"] and helper.proc.poll() is None
+        assert made() == ["0.npz", "1.npz"] and helper.proc.poll() is None
         texts = [processor._read_clean(chunk, collections.Counter()) for chunk in chunks[:3]]
         got = helper.take(0, texts[0])
         assert all(np.array_equal(a, b) for a, b in zip(got, encode_documents(processor.backend, texts[0])))

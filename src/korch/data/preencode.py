@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import os
-import pickle
 import select
 import shutil
 import subprocess
@@ -36,6 +36,8 @@ import tempfile
 from typing import NamedTuple
 
 import numpy as np
+
+from .readers import Chunk, chunk_to_dict, read_chunk
 
 LEAD_BYTES = 16 << 20
 """Input the helper may encode ahead of the driver: ~2 s of one thread's WordPiece, the length of Kiwi's load."""
@@ -184,12 +186,13 @@ class WordPieceAhead:
 
     def __init__(self, chunks: list, tokenizer_dir: str, cfg, chunk_bytes: int) -> None:
         self.dir = tempfile.mkdtemp(prefix="korch-wordpiece-")
-        job = {"chunks": chunks, "tokenizer": tokenizer_dir, "lead": max(2, LEAD_BYTES // max(1, chunk_bytes)),
+        job = {"chunks": [chunk_to_dict(c) for c in chunks], "tokenizer": tokenizer_dir,
+               "lead": max(2, LEAD_BYTES // max(1, chunk_bytes)),
                "max_line_chars": cfg.max_line_chars, "text_fields": list(cfg.text_fields),
                "normalize": cfg.normalize, "min_doc_chars": cfg.min_doc_chars}
-        job_path = os.path.join(self.dir, "job.pkl")
-        with open(job_path, "wb") as f:
-            pickle.dump(job, f)
+        job_path = os.path.join(self.dir, "job.json")
+        with open(job_path, "w", encoding="utf-8") as f:
+            json.dump(job, f)
         # One WordPiece thread: the helper is there for the core Kiwi's load leaves idle, not to crowd Kiwi later.
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAYON_NUM_THREADS="1")
         with open(os.path.join(self.dir, "stderr.log"), "wb") as err:
@@ -198,12 +201,12 @@ class WordPieceAhead:
 
     def take(self, k: int, texts: list[str]) -> ChunkTokens | None:
         """Chunk k's tokens if the helper has written them and saw the same texts; None means encode it here."""
-        path = os.path.join(self.dir, f"{k}.pkl")
+        path = os.path.join(self.dir, f"{k}.npz")
         try:
-            with open(path, "rb") as f:
-                tokens = ChunkTokens(*pickle.load(f))
+            with np.load(path, allow_pickle=False) as arrays:  # plain arrays only: nothing here runs code
+                tokens = ChunkTokens(**{name: arrays[name] for name in ChunkTokens._fields})
             os.remove(path)
-        except (OSError, pickle.UnpicklingError, EOFError, TypeError):
+        except (OSError, ValueError, KeyError):
             tokens = None
         self._tell(k)
         if tokens is None or len(tokens.lengths) != len(texts) or \
@@ -244,19 +247,18 @@ def _taken(fd: int, timeout: float | None) -> int | None:
 
 
 def _helper(job_path: str) -> None:
-    from .readers import read_chunk
     from .text import clean_document
     from .tokenizer import load_tokenizer_json
 
-    with open(job_path, "rb") as f:
-        job = pickle.load(f)
+    with open(job_path, encoding="utf-8") as f:
+        job = json.load(f)
     out_dir = os.path.dirname(job_path)
     backend = load_tokenizer_json(job["tokenizer"])
     backend.no_truncation()
     backend.no_padding()
     stdin = sys.stdin.fileno()
     taken = -1
-    for k, chunk in enumerate(job["chunks"]):
+    for k, chunk in enumerate(Chunk(**c) for c in job["chunks"]):
         news = _taken(stdin, 0)
         while True:
             if news == -2:  # the driver has closed our stdin: it is done or gone
@@ -279,8 +281,8 @@ def _helper(job_path: str) -> None:
             continue
         tmp = os.path.join(out_dir, f"{k}.tmp")
         with open(tmp, "wb") as f:
-            pickle.dump(tuple(tokens), f, protocol=pickle.HIGHEST_PROTOCOL)  # no class: this module is __main__ here
-        os.replace(tmp, os.path.join(out_dir, f"{k}.pkl"))
+            np.savez(f, **tokens._asdict())
+        os.replace(tmp, os.path.join(out_dir, f"{k}.npz"))
 
 
 if __name__ == "__main__":
