@@ -235,18 +235,17 @@ def _ray_tables(chunks: list[Chunk], cfg, tokenizer_dir: str, pool: PoolShape) -
         ctx.enable_progress_bars = bars
 
 
-def _inline_tables(chunks: list[Chunk], cfg, tokenizer_dir: str, kiwi_threads: int, chunk_bytes: int,
-                   helper: bool = True) -> Iterator[dict]:
+def _inline_tables(chunks: list[Chunk], cfg, tokenizer_dir: str, kiwi_threads: int, chunk_bytes: int) -> Iterator[dict]:
     """The driver's own Kiwi, one thread per free CPU, fed one stream over all chunks (small machines, see `pool`).
 
-    With `helper`, WordPiece starts in a helper process before Kiwi is built (`preencode`), where the tokenizer
-    allows it and sentences are split; the shards are the same either way.
+    WordPiece starts in a helper process before Kiwi is built (`preencode`), where the tokenizer allows it and
+    sentences are split; the shards are the same either way.
     """
     from .preencode import WordPieceAhead, sliceable
     from .preprocess import DocumentProcessor
 
     ahead = None
-    if helper and chunks and cfg.split_sentences and not cfg.morphemes and sliceable(_tokenizer_json(tokenizer_dir)):
+    if chunks and cfg.split_sentences and not cfg.morphemes and sliceable(_tokenizer_json(tokenizer_dir)):
         ahead = WordPieceAhead(chunks, tokenizer_dir, cfg, chunk_bytes)
     try:
         processor = DocumentProcessor(cfg, tokenizer_dir, kiwi_threads=kiwi_threads)

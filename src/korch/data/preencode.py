@@ -234,16 +234,9 @@ class WordPieceAhead:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _taken(fd: int, timeout: float | None) -> int | None:
-    """The highest chunk index the driver has reported since the last call; -2 once the driver is gone."""
-    seen = None
-    while select.select([fd], [], [], timeout)[0]:
-        data = os.read(fd, 1 << 16)
-        if not data:
-            return -2
-        seen = max([int(x) for x in data.split()] + ([seen] if seen is not None else []))
-        timeout = 0
-    return seen
+def _driver_began(fd: int, wait: bool) -> bool:
+    """Whether the driver has taken a chunk (it writes a line per chunk) or is gone (end of file)."""
+    return bool(select.select([fd], [], [], None if wait else 0)[0])
 
 
 def _helper(job_path: str) -> None:
@@ -257,17 +250,10 @@ def _helper(job_path: str) -> None:
     backend.no_truncation()
     backend.no_padding()
     stdin = sys.stdin.fileno()
-    taken = -1
     for k, chunk in enumerate(Chunk(**c) for c in job["chunks"]):
-        news = _taken(stdin, 0)
-        while True:
-            if news == -2:  # the driver has closed our stdin: it is done or gone
-                return
-            taken = taken if news is None else max(taken, news)
-            if k - taken <= job["lead"]:
-                break
-            news = _taken(stdin, None)  # far enough ahead: wait for the driver to take a chunk
-        if taken >= 0:  # Kiwi is ready and the driver has begun: from here it encodes faster than we would
+        # `lead` chunks made and none taken yet: wait. Once the driver has begun (Kiwi is ready), it encodes
+        # faster than we would, so stop.
+        if _driver_began(stdin, wait=k >= job["lead"]):
             return
         bad: collections.Counter = collections.Counter()
         try:
